@@ -1,0 +1,34 @@
+"""elude-export: lossless disentanglement of polysemantic MLP neurons, exported to ONNX.
+
+Pipeline: images -> calibrate -> fit -> Plan -> rewrite -> export -> validate -> serve.
+Public names are imported lazily so that light consumers (the server reads only the ONNX
+contract) never pay for torch or the fitting code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "EludeError": "elude_export.errors",
+    "FitConfig": "elude_export.fit",
+    "fit": "elude_export.fit",
+    "load_model": "elude_export.models",
+    "Plan": "elude_export.plan",
+    "load_plan": "elude_export.plan",
+    "apply_plan": "elude_export.rewrite",
+    "read_taps": "elude_export.rewrite",
+    "set_steers": "elude_export.rewrite",
+    "reset_steers": "elude_export.rewrite",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'elude_export' has no attribute {name!r}")

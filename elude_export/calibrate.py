@@ -1,0 +1,212 @@
+"""Calibration: stream images through the model and keep, per unit, its top-M activations.
+
+Memory stays bounded: per layer we hold a running top-M `(M, units)` of values and the
+descriptor each kept activation will be clustered by, never all tokens of all images.
+- `context` router: the descriptor of an activation is its image's context vector (the CLS
+  token's input to the layer, or the mean token when the model has no CLS token), so we keep
+  one `(d,)` vector per image plus `(M, units)` image indices. One image counts once per unit.
+- `token` router: the descriptor is the token's own input; we keep `(M, units, d)` vectors, and
+  at most `per_image_cap` tokens of one image per unit, so one image cannot dominate a unit.
+  Layers are grouped into passes so that these buffers stay under `max_buffer_bytes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from elude_export.errors import DataError
+from elude_export.images import normalize_images
+from elude_export.layers import NeuronLayer
+from elude_export.models import InputSpec
+from elude_export.sources import ImageSource
+
+ROUTERS = ("context", "token")
+
+
+@dataclass
+class LayerActivations:
+    """What calibration kept for one layer."""
+
+    path: str
+    top_values: torch.Tensor  # (M, H) descending per unit
+    top_images: torch.Tensor  # (M, H) image index of each kept activation
+    descriptors: torch.Tensor | None  # token router: (M, H, d)
+    contexts: torch.Tensor | None  # context router: (N_images, d)
+    n_images: int
+
+    def unit_descriptors(self, units: slice | torch.Tensor) -> torch.Tensor:
+        """(units, M, d) descriptors for a block of units: what their profiles are built from."""
+        if self.descriptors is not None:
+            return self.descriptors[:, units].transpose(0, 1)
+        assert self.contexts is not None
+        return self.contexts[self.top_images[:, units].transpose(0, 1)]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda requested but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise DataError(f"unknown device '{device}' (use auto, cpu or cuda)")
+    return torch.device(device)
+
+
+def context_token_of(model: nn.Module) -> str:
+    """'cls' when the model prepends a class token at index 0, else 'mean'."""
+    return "cls" if getattr(model, "cls_token", None) is not None else "mean"
+
+
+def model_batches(
+    source: ImageSource, spec: InputSpec, batch_size: int, device: torch.device, dtype: torch.dtype,
+    limit: int | None = None, progress: bool = False, description: str = "",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(image indices, normalised input batch on device) in source order, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    total = len(source) if limit is None else min(len(source), limit)
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    for indices, images in source.batches(batch_size, limit):
+        yield indices, normalize_images(images, spec).to(device=device, dtype=dtype)
+        bar.update(len(indices))
+    bar.close()
+
+
+class _TopMStream:
+    """Running top-M per unit for one layer, fed from forward hooks."""
+
+    def __init__(self, layer: NeuronLayer, router: str, context_token: str, top_m: int, per_image_cap: int):
+        self.layer = layer
+        self.router = router
+        self.context_token = context_token
+        self.top_m = top_m
+        self.cap = per_image_cap
+        self.values: torch.Tensor | None = None
+        self.images: torch.Tensor | None = None
+        self.descriptors: torch.Tensor | None = None
+        self.contexts: list[torch.Tensor] = []
+        self.pending_input: torch.Tensor | None = None
+        self.batch_images: torch.Tensor | None = None
+
+    def on_input(self, _module: nn.Module, args: tuple) -> None:
+        self.pending_input = args[0]
+
+    def on_hidden(self, _module: nn.Module, args: tuple) -> None:
+        x, h = self.pending_input, args[0]
+        assert x is not None and self.batch_images is not None
+        self.pending_input = None
+        if x.ndim == 2:  # pooled features: one "token" per image
+            x, h = x.unsqueeze(1), h.unsqueeze(1)
+        if x.ndim != 3 or h.ndim != 3:
+            raise DataError(f"layer {self.layer.path}: expected (batch, tokens, dim) activations, got {tuple(h.shape)}")
+        x, h = x.detach().float(), h.detach().float()
+        score = h.abs() if self.layer.signed else h
+        if self.router == "context":
+            context = x[:, 0] if self.context_token == "cls" else x.mean(1)
+            self.contexts.append(context.cpu())
+            values = score.max(1).values  # (B, H)
+            images = self.batch_images[:, None].expand_as(values)
+            self._merge(values, images, None)
+        else:
+            cap = min(self.cap, h.shape[1])
+            values, tokens = score.topk(cap, dim=1)  # (B, cap, H)
+            batch, _, units = values.shape
+            gathered = torch.gather(
+                x[:, :, None, :].expand(batch, x.shape[1], units, x.shape[2]), 1,
+                tokens[..., None].expand(batch, cap, units, x.shape[2]),
+            )  # (B, cap, H, d)
+            images = self.batch_images[:, None, None].expand(batch, cap, units)
+            self._merge(values.reshape(-1, units), images.reshape(-1, units), gathered.reshape(-1, units, x.shape[2]))
+
+    def _merge(self, values: torch.Tensor, images: torch.Tensor, descriptors: torch.Tensor | None) -> None:
+        if self.values is not None:
+            values = torch.cat([self.values, values])
+            images = torch.cat([self.images, images])
+            if descriptors is not None:
+                descriptors = torch.cat([self.descriptors, descriptors])
+        keep = min(self.top_m, values.shape[0])
+        self.values, order = values.topk(keep, dim=0)
+        self.images = images.gather(0, order)
+        if descriptors is not None:
+            self.descriptors = descriptors.gather(0, order[..., None].expand(keep, *descriptors.shape[1:]))
+
+    def result(self, n_images: int) -> LayerActivations:
+        assert self.values is not None and self.images is not None
+        return LayerActivations(
+            self.layer.path,
+            self.values.cpu(),
+            self.images.cpu(),
+            self.descriptors.cpu() if self.descriptors is not None else None,
+            torch.cat(self.contexts) if self.contexts else None,
+            n_images,
+        )
+
+
+def _layer_passes(layers: list[NeuronLayer], router: str, top_m: int, max_buffer_bytes: int) -> list[list[NeuronLayer]]:
+    if router == "context":
+        return [layers]
+    passes: list[list[NeuronLayer]] = [[]]
+    used = 0
+    for layer in layers:
+        need = 2 * top_m * layer.n_units * layer.d_in * 4  # kept + candidates during a merge
+        if passes[-1] and used + need > max_buffer_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(layer)
+        used += need
+    return passes
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    layers: list[NeuronLayer],
+    source: ImageSource,
+    spec: InputSpec,
+    router: str = "context",
+    top_m: int = 256,
+    per_image_cap: int = 2,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+    max_buffer_bytes: int = 2 << 30,
+    progress: bool = False,
+) -> dict[str, LayerActivations]:
+    """Run the model over the source and keep each unit's top-M activations with descriptors."""
+    if router not in ROUTERS:
+        raise DataError(f"unknown router '{router}' (use {' or '.join(ROUTERS)})")
+    device = torch.device(device)
+    dtype = next(model.parameters()).dtype
+    context_token = context_token_of(model)
+    results: dict[str, LayerActivations] = {}
+    passes = _layer_passes(layers, router, top_m, max_buffer_bytes)
+    for number, group in enumerate(passes):
+        streams = [_TopMStream(layer, router, context_token, top_m, per_image_cap) for layer in group]
+        handles = []
+        for stream in streams:
+            handles.append(stream.layer.module.register_forward_pre_hook(stream.on_input))
+            handles.append(stream.layer.consumer.register_forward_pre_hook(stream.on_hidden))
+        seen = 0
+        try:
+            label = f"calibrate {number + 1}/{len(passes)}" if len(passes) > 1 else "calibrate"
+            for indices, batch in model_batches(source, spec, batch_size, device, dtype, limit, progress, label):
+                image_ids = torch.as_tensor(indices, device=device)
+                for stream in streams:
+                    stream.batch_images = image_ids
+                model(batch)
+                seen += len(indices)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if seen == 0:
+            raise DataError(f"no calibration images in {source.name}")
+        for stream in streams:
+            if stream.values is None:
+                raise DataError(f"layer {stream.layer.path} never ran during calibration: is it used in forward()?")
+            results[stream.layer.path] = stream.result(seen)
+    return results

@@ -1,0 +1,160 @@
+"""`elude fit`, `elude inspect`, `elude demo`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from elude_export.errors import DataError, EludeError
+
+MODEL_HELP = "timm model name (e.g. vit_base_patch16_224) or 'embedded' for the bundled concept ViT."
+
+
+def model_options(command):
+    """Options shared by every command that loads a model."""
+    command = click.option("--img-size", type=int, default=None,
+                           help="Build the timm model for this input size (e.g. 98 for a fast DINOv2).")(command)
+    command = click.option("--pretrained", is_flag=True,
+                           help="Download timm's pretrained weights (needs network).")(command)
+    command = click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                           help="Weights to load: .safetensors or a torch state dict (loaded with weights_only=True).")(command)
+    return command
+
+
+def load_model_from_options(model: str, checkpoint: Path | None, pretrained: bool, img_size: int | None):
+    from elude_export.models import load_model
+
+    kwargs = {"img_size": img_size} if img_size else None
+    return load_model(model, checkpoint=checkpoint, pretrained=pretrained, model_kwargs=kwargs)
+
+
+def split_patterns(values: tuple[str, ...]) -> list[str] | None:
+    patterns = [p.strip() for value in values for p in value.split(",") if p.strip()]
+    return patterns or None
+
+
+@click.command("fit")
+@click.argument("model", default="embedded")
+@model_options
+@click.option("--data", default="embedded:calib", show_default=True,
+              help="Calibration images: embedded[:split], digits[:split], a .npy/.npz file, a CIFAR batch folder "
+                   "or an image folder. Labels are not used.")
+@click.option("--limit", type=int, default=None, help="Use at most this many calibration images.")
+@click.option("--layers", "layer_patterns", multiple=True,
+              help="Glob(s) of module paths to rewrite, e.g. 'blocks.*.mlp' (default: every neuron layer).")
+@click.option("--router", type=click.Choice(["context", "token"]), default="context", show_default=True,
+              help="context: route every token of an image by its CLS input (purer sub-units); token: per token.")
+@click.option("--top-m", type=click.IntRange(8), default=256, show_default=True,
+              help="Top activations per unit to cluster.")
+@click.option("--per-image-cap", type=click.IntRange(1), default=2, show_default=True,
+              help="Token router: at most this many tokens of one image per unit.")
+@click.option("--k-max", type=click.IntRange(1, 16), default=4, show_default=True, help="Most sub-units per unit.")
+@click.option("--k-rule", type=click.Choice(["gap", "fixed"]), default="gap", show_default=True,
+              help="gap: split a unit only where its clusters beat a shuffled null; fixed: every unit gets --k-max.")
+@click.option("--min-gain", type=float, default=0.02, show_default=True,
+              help="gap rule: required dispersion gain over the null for each extra sub-unit.")
+@click.option("--router-rank", type=click.IntRange(1), default=None,
+              help="Also store a rank-r factorisation of the routing matrix (cheaper routing).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.safetensors"),
+              show_default=True, help="Plan file to write (atomically).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def fit_command(model, checkpoint, pretrained, img_size, data, limit, layer_patterns, router, top_m, per_image_cap,
+                k_max, k_rule, min_gain, router_rank, batch_size, device, seed, output, quiet):
+    """Fit a plan: calibrate MODEL on unlabelled images and split its neurons into sub-units."""
+    from elude_export.calibrate import resolve_device
+    from elude_export.fit import FitConfig, fit
+    from elude_export.sources import open_source
+
+    if not output.parent.exists():
+        raise DataError(f"output directory {output.parent} does not exist")
+    loaded = load_model_from_options(model, checkpoint, pretrained, img_size)
+    source = open_source(data, (loaded.input_spec.height, loaded.input_spec.width))
+    config = FitConfig(router=router, top_m=top_m, per_image_cap=per_image_cap, k_max=k_max, k_rule=k_rule,
+                       min_gain=min_gain, router_rank=router_rank, batch_size=batch_size, limit=limit, seed=seed,
+                       layers=split_patterns(layer_patterns))
+    report = fit(loaded, source, config, resolve_device(device), progress=not quiet, log=click.echo)
+    report.plan.save(output)
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
+    click.echo(f"wrote {output}: {len(report.plan.layers)} layer(s), {report.plan.n_subunits} sub-units ({seconds})")
+
+
+@click.command("inspect")
+@click.argument("plan_path", metavar="PLAN", type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(0), default=5, show_default=True,
+              help="Show this many most frequently firing sub-units per layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan manifest as JSON.")
+def inspect_command(plan_path, top, as_json):
+    """Summarise a plan: layers, how many units were split, the K distribution, top sub-units."""
+    from elude_export.plan import load_plan
+
+    plan = load_plan(plan_path)
+    if as_json:
+        click.echo(json.dumps(plan.manifest(), indent=2))
+        return
+    click.echo(f"plan {plan_path}  model {plan.model_name} ({plan.model_fingerprint[:12]})  router {plan.router}"
+               f"  created {plan.created}")
+    click.echo(f"{'layer':<24}{'units':>7}{'split':>7}{'sub-units':>11}  K distribution")
+    for layer in plan.layers:
+        counts = {int(k): int(n) for k, n in zip(*layer.k.unique(return_counts=True))}
+        dist = " ".join(f"K{k}:{n}" for k, n in sorted(counts.items()))
+        click.echo(f"{layer.path:<24}{layer.n_units:>7}{layer.split_units.numel():>7}{layer.n_subunits:>11}  {dist}")
+    if top and all("fire_rate" in layer.stats for layer in plan.layers):
+        click.echo(f"\nmost frequently firing sub-units (fire rate on calibration images, top {top} per layer):")
+        for layer in plan.layers:
+            names = layer.subunit_names()
+            rates = layer.stats["fire_rate"]
+            order = rates.argsort(descending=True)[:top].tolist()
+            listed = ", ".join(f"{names[i]} {rates[i]:.2f}" for i in order)
+            click.echo(f"  {listed}")
+
+
+@click.command("demo")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("elude-demo"),
+              show_default=True, help="Where the plan (and exports) are written.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--check-images", type=click.IntRange(8), default=512, show_default=True,
+              help="Held-out images for the equality check.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_command(out_dir, device, check_images, quiet):
+    """Run the whole pipeline on the embedded concept ViT and data, offline."""
+    from elude_export.calibrate import resolve_device
+    from elude_export.equality import check_rewrite
+    from elude_export.fit import FitConfig, fit
+    from elude_export.models import load_model
+    from elude_export.sources import open_source
+
+    started = time.perf_counter()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EludeError(f"cannot create output directory {out_dir}: {exc.strerror}") from exc
+    target = resolve_device(device)
+    loaded = load_model("embedded")
+    click.echo(f"model: embedded concept ViT ({sum(p.numel() for p in loaded.model.parameters()):,} parameters) "
+               f"on {target}")
+    report = fit(loaded, open_source("embedded:calib"), FitConfig(), target, progress=not quiet, log=click.echo)
+    plan_path = report.plan.save(out_dir / "plan.safetensors")
+    click.echo(f"plan: {plan_path} ({report.plan.n_subunits} sub-units)")
+
+    click.echo(f"\nequality on {check_images} held-out images (embedded:test):")
+    results = check_rewrite(loaded, report.plan, open_source("embedded:test"), check_images, device=target)
+    for result in results:
+        click.echo("  " + result.line())
+    _print_layer_table(report.plan)
+    click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
+    if not all(result.ok for result in results):
+        raise EludeError("rewritten model does not match the original within tolerance")
+
+
+def _print_layer_table(plan) -> None:
+    click.echo(f"\n{'layer':<16}{'units':>7}{'split':>7}{'sub-units':>11}{'mean K (split)':>16}")
+    for layer in plan.layers:
+        split = layer.split_units.numel()
+        mean_k = float(layer.k[layer.split_units].float().mean()) if split else 1.0
+        click.echo(f"{layer.path:<16}{layer.n_units:>7}{split:>7}{layer.n_subunits:>11}{mean_k:>16.2f}")

@@ -1,0 +1,167 @@
+"""The exported model's contract: names and `metadata_props` of an ELUDe ONNX file.
+
+Written by the exporter, read by `validate`, the server, the Triton python backend and any
+consumer that holds only the `.onnx` file. Deliberately torch-free (json + numpy only).
+
+Graph interface
+- input `input`: float32 (batch, C, H, W), preprocessed as `elude.input` says;
+- original outputs keep their names: `logits` (classifiers) or `embedding`;
+- taps: `tap.<layer>.<pooling>` (batch, n_subunits) for pooling in max/mean/cls, and
+  optionally `tap.<layer>.tokens` (batch, tokens, n_subunits);
+- steering: optional input `steer.<layer>` (n_subunits,) float32, defaults to ones.
+
+metadata_props keys (all JSON strings unless noted)
+- `elude.schema_version` (plain int string), `elude.model_name`, `elude.model_fingerprint`,
+  `elude.plan_fingerprint` (plain strings);
+- `elude.input`: {"channels","height","width","mean","std"};
+- `elude.outputs`: list of original output names;
+- `elude.router`: "context" | "token" (plain string);
+- `elude.layers`: list of {"path","n_units","n_subunits","steer_input","subunits":[names],
+  "unit":[parent unit per column],"sub":[sub index per column]};
+- `elude.taps`: list of {"output","layer","pooling"};
+- `elude.baseline`: {"quantile_levels":[...], "layers": {path: {"threshold":[per unit],
+  "fire_rate":[per sub-unit], "mean":[...], "quantiles":[[per sub-unit L values]],
+  "bin_fraction":[[L+1 values]]}}} (calibration statistics for monitoring);
+- `elude.versions`: {"elude","torch","timm","onnx","opset","exporter"}.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+INPUT_NAME = "input"
+PREFIX = "elude."
+
+
+def tap_output_name(layer: str, pooling: str) -> str:
+    return f"tap.{layer}.{pooling}"
+
+
+def steer_input_name(layer: str) -> str:
+    return f"steer.{layer}"
+
+
+@dataclass
+class LayerInfo:
+    path: str
+    n_units: int
+    n_subunits: int
+    steer_input: str
+    subunits: list[str]
+    unit: list[int]
+    sub: list[int]
+
+
+@dataclass
+class TapInfo:
+    output: str
+    layer: str
+    pooling: str
+
+
+@dataclass
+class LayerBaseline:
+    """Calibration statistics of one layer's sub-units (max-pooled taps)."""
+
+    threshold: np.ndarray  # (n_units,)
+    fire_rate: np.ndarray  # (n_subunits,)
+    mean: np.ndarray  # (n_subunits,)
+    quantiles: np.ndarray  # (n_subunits, L)
+    bin_fraction: np.ndarray  # (n_subunits, L + 1)
+
+
+@dataclass
+class OnnxContract:
+    model_name: str
+    model_fingerprint: str
+    plan_fingerprint: str
+    input: dict[str, Any]
+    outputs: list[str]
+    router: str
+    layers: list[LayerInfo]
+    taps: list[TapInfo]
+    quantile_levels: list[float] = field(default_factory=list)
+    baseline: dict[str, LayerBaseline] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def layer(self, path: str) -> LayerInfo:
+        for info in self.layers:
+            if info.path == path:
+                return info
+        raise KeyError(f"no layer '{path}' in this model (layers: {', '.join(l.path for l in self.layers)})")
+
+    def subunit_index(self) -> dict[str, tuple[str, int]]:
+        """sub-unit name -> (layer path, column): names every tap/steer column."""
+        return {name: (info.path, column) for info in self.layers for column, name in enumerate(info.subunits)}
+
+    def to_metadata_props(self) -> dict[str, str]:
+        baseline = {
+            "quantile_levels": self.quantile_levels,
+            "layers": {path: {k: np.asarray(v).round(6).tolist() for k, v in vars(b).items()}
+                       for path, b in self.baseline.items()},
+        }
+        return {
+            f"{PREFIX}schema_version": str(self.schema_version),
+            f"{PREFIX}model_name": self.model_name,
+            f"{PREFIX}model_fingerprint": self.model_fingerprint,
+            f"{PREFIX}plan_fingerprint": self.plan_fingerprint,
+            f"{PREFIX}input": json.dumps(self.input),
+            f"{PREFIX}outputs": json.dumps(self.outputs),
+            f"{PREFIX}router": self.router,
+            f"{PREFIX}layers": json.dumps([vars(info) for info in self.layers]),
+            f"{PREFIX}taps": json.dumps([vars(tap) for tap in self.taps]),
+            f"{PREFIX}baseline": json.dumps(baseline),
+            f"{PREFIX}versions": json.dumps(self.versions),
+        }
+
+    @classmethod
+    def from_metadata_props(cls, props: dict[str, str]) -> "OnnxContract":
+        """Parse metadata; a model without (or with a newer) ELUDe contract raises ValueError."""
+        version = props.get(f"{PREFIX}schema_version")
+        if version is None:
+            raise ValueError("not an ELUDe export: no elude.* metadata in this ONNX model")
+        if int(version) != SCHEMA_VERSION:
+            raise ValueError(f"ELUDe ONNX contract version {version} is not supported (expected {SCHEMA_VERSION})")
+        try:
+            raw_baseline = json.loads(props.get(f"{PREFIX}baseline", "{}"))
+            baseline = {
+                path: LayerBaseline(**{k: np.asarray(v, dtype=np.float32) for k, v in values.items()})
+                for path, values in raw_baseline.get("layers", {}).items()
+            }
+            return cls(
+                model_name=props[f"{PREFIX}model_name"],
+                model_fingerprint=props[f"{PREFIX}model_fingerprint"],
+                plan_fingerprint=props[f"{PREFIX}plan_fingerprint"],
+                input=json.loads(props[f"{PREFIX}input"]),
+                outputs=json.loads(props[f"{PREFIX}outputs"]),
+                router=props[f"{PREFIX}router"],
+                layers=[LayerInfo(**entry) for entry in json.loads(props[f"{PREFIX}layers"])],
+                taps=[TapInfo(**entry) for entry in json.loads(props[f"{PREFIX}taps"])],
+                quantile_levels=list(raw_baseline.get("quantile_levels", [])),
+                baseline=baseline,
+                versions=json.loads(props.get(f"{PREFIX}versions", "{}")),
+                schema_version=int(version),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed ELUDe metadata: {exc}") from exc
+
+
+def read_contract(onnx_path: str | Path) -> OnnxContract:
+    """Read the contract from an .onnx file without loading its weights."""
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
+    return OnnxContract.from_metadata_props({p.key: p.value for p in model.metadata_props})
