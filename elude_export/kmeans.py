@@ -4,11 +4,12 @@ All units of a layer are clustered at once as one `(units, points, dim)` tensor 
 so fitting a 3072-unit layer is a handful of batched matmuls (GPU-capable), not a python loop.
 
 K rule ("gap"): going from K-1 to K clusters must raise the mean cosine-to-centroid by a
-larger share of the remaining dispersion than it does on a *null* copy of the same points,
-in which each coordinate is shuffled independently across points (same marginals, no joint
-cluster structure), by at least `min_gain`; and every cluster must keep at least
-`min_cluster_frac` of the points. A unit without cluster structure gains about as much as
-its null and stays whole (K=1). Rule "fixed" gives every unit `k_max` sub-units.
+larger share of the remaining dispersion than it does on a *null* sample with the same mean
+and covariance but no clusters (random Gaussian mixtures of the centred points, the
+gap statistic's covariance-matched reference), by at least `min_gain`; and every cluster
+must keep at least `min_cluster_frac` of the points. A unit whose activations form one
+elongated cloud gains about as much as its null and stays whole (K=1). Rule "fixed" gives
+every unit `k_max` sub-units.
 """
 
 from __future__ import annotations
@@ -92,9 +93,16 @@ def spherical_kmeans(
 
 
 def _null_points(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shuffle every coordinate independently across points: keeps marginals, kills clusters."""
-    order = torch.rand(points.shape, generator=generator, device=points.device).argsort(dim=1)
-    return F.normalize(points.gather(1, order), dim=-1)
+    """A unimodal reference with the points' own mean and covariance.
+
+    Each null point is the mean plus a random Gaussian combination of the centred points, so
+    its covariance equals the sample covariance but it has no clusters. (Shuffling coordinates
+    independently would also destroy correlations, and any elongated cloud would then beat it.)
+    """
+    units, count, _ = points.shape
+    mean = points.mean(1, keepdim=True)
+    mixing = torch.randn(units, count, count, generator=generator, device=points.device) / count ** 0.5
+    return F.normalize(mean + mixing @ (points - mean), dim=-1)
 
 
 def _relative_gain(objectives: list[torch.Tensor]) -> torch.Tensor:

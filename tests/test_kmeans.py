@@ -1,0 +1,71 @@
+"""Batched spherical k-means recovers planted clusters; the K rule keeps structureless units whole."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elude_export.kmeans import select_k, spherical_kmeans
+
+
+def _planted(units: int, points: int, dim: int, k: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(units, k, dim, generator=generator), dim=-1)
+    labels = torch.randint(k, (units, points), generator=generator)
+    data = centers.gather(1, labels[..., None].expand(-1, -1, dim)) + noise * torch.randn(units, points, dim, generator=generator)
+    return data, labels
+
+
+def _agreement(found: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of points whose found cluster's majority true label equals their own (per unit)."""
+    scores = []
+    for f, t in zip(found, truth):
+        table = torch.zeros(k, k).index_put_((f, t), torch.ones_like(f, dtype=torch.float), accumulate=True)
+        scores.append(table.max(1).values.sum() / len(f))
+    return torch.stack(scores)
+
+
+def test_recovers_planted_clusters_for_all_units_at_once() -> None:
+    data, labels = _planted(units=16, points=200, dim=32, k=3, noise=0.15, seed=0)
+    result = spherical_kmeans(data, 3, seed=1)
+    assert result.centroids.shape == (16, 3, 32)
+    assert torch.allclose(result.centroids.norm(dim=-1), torch.ones(16, 3), atol=1e-5)
+    assert _agreement(result.labels, labels, 3).min() > 0.95
+
+
+def test_gap_rule_splits_structured_and_keeps_structureless_whole() -> None:
+    planted, _ = _planted(units=12, points=256, dim=48, k=3, noise=0.2, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    common = F.normalize(torch.randn(12, 1, 48, generator=generator), dim=-1)
+    structureless = common + 0.4 * torch.randn(12, 256, 48, generator=generator)
+    chosen = select_k(torch.cat([planted, structureless]), k_max=4, rule="gap")
+    assert chosen.k[:12].tolist() == [3] * 12
+    assert chosen.k[12:].tolist() == [1] * 12
+    # centroid rows beyond K_j are zero padding
+    assert torch.all(chosen.centroids[:12, 3] == 0)
+
+
+def test_fixed_rule_and_determinism() -> None:
+    data, _ = _planted(units=4, points=64, dim=16, k=2, noise=0.3, seed=4)
+    first = select_k(data, k_max=3, rule="fixed", seed=7)
+    second = select_k(data, k_max=3, rule="fixed", seed=7)
+    assert first.k.tolist() == [3, 3, 3, 3]
+    assert torch.equal(first.centroids, second.centroids) and torch.equal(first.labels, second.labels)
+
+
+def test_min_cluster_size_blocks_tiny_splits() -> None:
+    generator = torch.Generator().manual_seed(5)
+    base = F.normalize(torch.randn(1, 1, 24, generator=generator), dim=-1)
+    outlier = F.normalize(torch.randn(1, 1, 24, generator=generator), dim=-1)
+    data = base + 0.05 * torch.randn(1, 200, 24, generator=generator)
+    data[:, :3] = outlier + 0.05 * torch.randn(1, 3, 24, generator=generator)  # 1.5% of the points
+    assert select_k(data, k_max=3, rule="gap", min_cluster_frac=0.05).k.tolist() == [1]
+
+
+def test_elongated_unimodal_clouds_stay_whole() -> None:
+    """Anisotropy alone is not cluster structure: the null has the same covariance."""
+    generator = torch.Generator().manual_seed(6)
+    mean = F.normalize(torch.randn(16, 1, 64, generator=generator), dim=-1)
+    rotation = torch.linalg.qr(torch.randn(16, 64, 64, generator=generator))[0]
+    cloud = mean + 0.3 * (torch.randn(16, 256, 64, generator=generator) * torch.logspace(0, -2, 64)) @ rotation
+    assert select_k(cloud, k_max=4, rule="gap").k.tolist() == [1] * 16
