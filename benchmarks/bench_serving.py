@@ -1,0 +1,255 @@
+"""Bounded load test of the server on loopback vs calling the onnxruntime session directly.
+
+    python benchmarks/bench_serving.py                      # embedded ViT export (built if needed)
+    python benchmarks/bench_serving.py --model model.onnx   # any ELUDe export
+    python benchmarks/bench_serving.py --fixture            # the tiny test model
+
+Scenarios (each `--seconds` long, monitoring always on in the server):
+- direct session, batch 8 and batch 1 (the ceiling);
+- server, v2 binary requests of 8 images (max_batch 8);
+- server, v2 binary requests of 1 image from many clients, micro-batched up to 8.
+The server runs as a separate process (`python -m serving`) so that the load generator does not
+share its GIL; clients are threads with keep-alive `http.client` connections sending pre-encoded
+requests. Reports images/s, request latency p50/p99, errors and the server's RSS before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """user+system CPU time of this process (pid None) or of another one, from /proc."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build_embedded(out: Path, checkpoint: Path | None = None) -> tuple[Path, str]:
+    """Export the embedded ViT (trained weights when bundled, else the same architecture untrained)."""
+    from elude_export.fit import FitConfig, fit
+    from elude_export.models import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec,
+                                     load_model)
+    from elude_export.onnx_export import export_onnx
+    from elude_export.sources import open_source
+
+    if checkpoint is not None:
+        loaded, what = load_model("embedded", checkpoint=checkpoint), f"embedded ViT ({checkpoint})"
+    elif EMBEDDED_WEIGHTS.is_file():
+        loaded, what = load_model("embedded"), "embedded ViT (trained)"
+    else:
+        loaded = LoadedModel(create_embedded_model(pretrained=False), "embedded", embedded_input_spec(), 4)
+        what = "embedded ViT architecture (untrained weights: same compute)"
+    plan = fit(loaded, open_source("embedded:calib"), FitConfig(limit=512, top_m=128, stats_images=512)).plan
+    return export_onnx(loaded, plan, out / "embedded.onnx"), what
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
+
+
+def bench_direct(path: Path, x: np.ndarray, seconds: float, spinning: bool, threads: int = 0) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        session.run(None, {"input": x})
+    latencies, deadline = [], time.perf_counter() + seconds
+    cpu = cpu_seconds()
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        session.run(None, {"input": x})
+        latencies.append(time.perf_counter() - started)
+    return {"images": len(latencies) * len(x), "elapsed": sum(latencies), "latencies": latencies, "errors": 0,
+            "cpu": cpu_seconds() - cpu}
+
+
+def encode_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype(np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header)),
+                          "Content-Type": "application/octet-stream"}
+
+
+def bench_server(port: int, model: str, x: np.ndarray, clients: int, seconds: float, pid: int) -> dict:
+    body, headers = encode_request(x)
+    path = f"/v2/models/{model}/infer"
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(3):  # warm the connection
+            connection.request("POST", path, body, headers)
+            connection.getresponse().read()
+        start.wait()
+        while time.perf_counter() < stop_at[0]:
+            started = time.perf_counter()
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
+            response.read()
+            latencies[index].append(time.perf_counter() - started)
+            if response.status != 200:
+                errors[index] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + seconds + 60  # provisional, set for real once all are warm
+    start.wait()
+    began = time.perf_counter()
+    server_cpu, client_cpu = cpu_seconds(pid), cpu_seconds()
+    stop_at[0] = began + seconds
+    for thread in threads:
+        thread.join(timeout=seconds + 60)
+    elapsed = time.perf_counter() - began
+    flat = [v for per in latencies for v in per]
+    return {"images": len(flat) * len(x), "elapsed": elapsed, "latencies": flat, "errors": sum(errors),
+            "cpu": cpu_seconds(pid) - server_cpu, "client_cpu": cpu_seconds() - client_cpu}
+
+
+def start_server(path: Path, port: int, max_batch: int, timeout_ms: float, threads: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "serving", str(path), "--port", str(port), "--max-batch", str(max_batch),
+               "--threads", str(threads),
+               "--batch-timeout-ms", str(timeout_ms), "--queue-size", "256", "--log-level", "warning"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read()}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", "/v2/health/ready")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not become ready in 60 s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def row(name: str, result: dict, baseline: dict | None, rss: str = "") -> str:
+    """images/s and CPU ms/image; ratios against `baseline` (the paired direct runs)."""
+    rate = result["images"] / result["elapsed"] if result["elapsed"] else 0.0
+    cpu_ms = 1000 * result["cpu"] / max(1, result["images"])
+    ratio = efficiency = "-"
+    if baseline:
+        base_rate = baseline["images"] / baseline["elapsed"]
+        base_cpu_ms = 1000 * baseline["cpu"] / max(1, baseline["images"])
+        ratio, efficiency = f"{100 * rate / base_rate:.0f}%", f"{100 * base_cpu_ms / cpu_ms:.0f}%"
+    client = f"{1000 * result['client_cpu'] / max(1, result['images']):.2f}" if "client_cpu" in result else "-"
+    return (f"| {name} | {rate:,.0f} | {ratio} | {cpu_ms:.2f} | {efficiency} | {client} | "
+            f"{percentile(result['latencies'], 50):.2f} | {percentile(result['latencies'], 99):.2f} | "
+            f"{result['errors']} | {rss} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an ELUDe .onnx export (default: export the embedded ViT)")
+    parser.add_argument("--fixture", action="store_true", help="use the tiny test model instead")
+    parser.add_argument("--checkpoint", type=Path, help="embedded ViT weights to export (default: the bundled ones)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each scenario")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, both sides (0: default)")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    workdir = Path(tempfile.mkdtemp(prefix="elude-bench-"))
+    if args.model:
+        path, what = args.model, str(args.model)
+    elif args.fixture:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from serving_fixtures import build_fixture_model
+
+        path, what = build_fixture_model(workdir / "fixture.onnx").path, "tiny fixture model"
+    else:
+        path, what = build_embedded(workdir, args.checkpoint)
+    from elude_export.onnx_contract import read_contract
+    from serving.server import free_port
+
+    contract = read_contract(path)
+    spec = contract.input
+    rng = np.random.default_rng(0)
+    x8 = rng.standard_normal((8, spec["channels"], spec["height"], spec["width"])).astype(np.float32)
+    x1 = x8[:1].copy()
+    port = args.port or free_port()
+    print(f"model: {what} ({sum(l.n_subunits for l in contract.layers)} sub-units, "
+          f"{len(contract.taps)} taps); {os.cpu_count()} CPU(s); onnxruntime threads {args.threads or 'default'}; "
+          f"{args.seconds:g} s per scenario; load average {os.getloadavg()[0]:.1f}")
+
+    # The machine may be shared: each server scenario is paired with direct batch-8 runs right
+    # before and after it, and its ratio is taken against their mean (same conditions).
+    direct_spin = bench_direct(path, x8, args.seconds / 2, spinning=True, threads=args.threads)
+    direct1 = bench_direct(path, x1, args.seconds / 2, spinning=False, threads=args.threads)
+    lines = ["| scenario | images/s | throughput vs direct b8 | CPU ms/image (server) | CPU efficiency vs direct b8 "
+             "| client CPU ms/image | p50 ms | p99 ms | errors | server RSS MB before -> after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    informational = [row("direct ORT session, batch 8, spinning threads (ORT default)", direct_spin, None),
+                     row("direct ORT session, batch 1", direct1, None)]
+    for label, x, clients, max_batch, timeout_ms in (
+            ("server, requests of 8 images, 2 clients", x8, 2, 8, 1.0),
+            ("server, requests of 8 images, 4 clients", x8, 4, 8, 1.0),
+            ("server, requests of 1 image, 16 clients, micro-batched to 8", x1, 16, 8, 2.0)):
+        before_direct = bench_direct(path, x8, args.seconds / 2, spinning=False, threads=args.threads)
+        process = start_server(path, port, max_batch, timeout_ms, args.threads)
+        try:
+            before = rss_mb(process.pid)
+            result = bench_server(port, contract.model_name, x, clients, args.seconds, process.pid)
+            after = rss_mb(process.pid)
+        finally:
+            stop_server(process)
+        after_direct = bench_direct(path, x8, args.seconds / 2, spinning=False, threads=args.threads)
+        paired = {k: before_direct[k] + after_direct[k] for k in ("images", "elapsed", "errors", "cpu")}
+        paired["latencies"] = before_direct["latencies"] + after_direct["latencies"]
+        lines.append(row("direct ORT session, batch 8 (runs around the next row)", paired, None))
+        lines.append(row(label, result, paired, f"{before:.0f} -> {after:.0f}"))
+    lines += informational
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Server-side micro-batching: concurrent requests with equal steering share one session run.
+
+The first queued request waits at most `timeout_s` for companions (up to `max_batch` images);
+requests with another steering wait for a later run. The queue is bounded: a full queue
+raises `Overloaded` at once, so overload costs a fast 503 and never unbounded memory.
+Runs happen on one worker thread (onnxruntime parallelises inside a run). Per-batch observers
+run on the event loop right after the responses are resolved, so they must be cheap (metrics,
+handing the outputs to a `serving.drain.BackgroundDrain`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+
+from serving.errors import InferenceFailed, Overloaded
+from serving.runtime import Steering
+
+log = logging.getLogger("elude.serving")
+
+RunFn = Callable[[np.ndarray, Steering], Mapping[str, np.ndarray]]
+# observer(outputs of the whole batch, number of images, seconds the run took, steering)
+BatchObserver = Callable[[Mapping[str, np.ndarray], int, float, Steering], None]
+
+
+@dataclass(eq=False)
+class _Job:
+    images: np.ndarray
+    steering: Steering
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class MicroBatcher:
+    def __init__(self, run: RunFn, max_batch: int = 8, timeout_s: float = 0.002, queue_size: int = 64,
+                 observers: list[BatchObserver] | None = None):
+        self._run = run
+        self.max_batch = max_batch
+        self.timeout_s = timeout_s
+        self.queue_size = queue_size
+        self.observers = list(observers or [])
+        self._pending: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._run_thread: ThreadPoolExecutor | None = None
+
+    # lifecycle -----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._wakeup = asyncio.Event()
+        self._run_thread = ThreadPoolExecutor(1, thread_name_prefix="elude-run")
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name="elude-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass  # the cancellation we asked for
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(Overloaded("server is shutting down", cause="shutdown"))
+        if self._run_thread is not None:
+            self._run_thread.shutdown(wait=True, cancel_futures=True)
+        self._worker = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # requests ------------------------------------------------------------------------------
+    async def submit(self, images: np.ndarray, steering: Steering, timeout_s: float) -> dict[str, np.ndarray]:
+        """This request's slice of every output; `Overloaded` if the queue is full or time runs out."""
+        if not self.running or self._wakeup is None:
+            raise Overloaded("server is not ready", cause="not_ready")
+        if len(self._pending) >= self.queue_size:
+            raise Overloaded(f"queue full ({self.queue_size} requests waiting); retry later", cause="queue_full")
+        loop = asyncio.get_running_loop()
+        job = _Job(images, steering, loop.create_future())
+        self._pending.append(job)
+        self._wakeup.set()
+        # one timer instead of wait_for(shield(...)): cheaper per request; awaiting the future
+        # directly also cancels it when the client goes away, so the worker skips the job
+        timer = loop.call_later(timeout_s, self._expire, job, timeout_s)
+        try:
+            return await job.future
+        finally:
+            timer.cancel()
+
+    @staticmethod
+    def _expire(job: _Job, timeout_s: float) -> None:
+        if not job.future.done():  # the worker skips it, or drops its result
+            job.future.set_exception(Overloaded(f"request not served within {timeout_s:g}s", cause="timeout"))
+
+    # worker --------------------------------------------------------------------------------
+    def _compatible_images(self, key: tuple) -> int:
+        return sum(job.size for job in self._pending if job.steering.key == key and not job.future.done())
+
+    def _take_batch(self) -> list[_Job]:
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()  # cancelled or timed out while queued
+        if not self._pending:
+            return []
+        key = self._pending[0].steering.key
+        batch: list[_Job] = []
+        images = 0
+        for job in list(self._pending):
+            if job.future.done() or job.steering.key != key:
+                continue
+            if batch and images + job.size > self.max_batch:
+                break
+            batch.append(job)
+            images += job.size
+        for job in batch:
+            self._pending.remove(job)
+        return batch
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._pending[0]
+            deadline = first.enqueued + self.timeout_s
+            while self._compatible_images(first.steering.key) < self.max_batch:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take_batch()
+            if batch:
+                await self._execute(loop, batch)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        steering = batch[0].steering
+        images = batch[0].images if len(batch) == 1 else np.concatenate([job.images for job in batch])
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._run_thread, self._run, images, steering)
+        except Exception as exc:  # a failed run fails its requests, never the worker
+            log.exception("inference failed for a batch of %d image(s)", len(images))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(InferenceFailed(f"inference failed: {exc.__class__.__name__}"))
+            return
+        seconds = time.perf_counter() - started
+        offset = 0
+        for job in batch:
+            if not job.future.done():
+                job.future.set_result({name: value[offset:offset + job.size] for name, value in outputs.items()})
+            offset += job.size
+        self._observe(outputs, len(images), seconds, steering)
+
+    def _observe(self, outputs: Mapping[str, np.ndarray], n: int, seconds: float, steering: Steering) -> None:
+        for observer in self.observers:
+            try:
+                observer(outputs, n, seconds, steering)
+            except Exception:  # a monitoring bug must not take inference down; it is logged
+                log.exception("batch observer %r failed", observer)

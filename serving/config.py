@@ -1,0 +1,95 @@
+"""Server configuration: one dataclass, filled from CLI flags and `ELUDE_SERVE_*` variables.
+
+Every field carries its environment variable and help text so that the CLI, `python -m
+serving` and the docs read the same table instead of three hand-kept copies.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "ELUDE_SERVE_"
+PROVIDERS = ("auto", "cpu", "cuda")
+
+
+def _opt(default: Any, help: str, env: str) -> Any:
+    return field(default=default, metadata={"help": help, "env": ENV_PREFIX + env})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How one model is served. `model_path` is the only required field."""
+
+    model_path: Path = Path("model.onnx")
+    model_name: str | None = _opt(None, "Name under /v2/models/{name} (default: the contract's model name).",
+                                  "MODEL_NAME")
+    host: str = _opt("127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.", "HOST")
+    port: int = _opt(8000, "TCP port.", "PORT")
+    provider: str = _opt("auto", "onnxruntime provider: auto (CUDA when present), cpu or cuda.", "PROVIDER")
+    threads: int = _opt(0, "onnxruntime intra-op threads (0: onnxruntime's default).", "THREADS")
+    max_batch: int = _opt(8, "Most images per onnxruntime run (a larger single request runs alone).", "MAX_BATCH")
+    batch_timeout_ms: float = _opt(2.0, "How long the first queued request waits for others to batch with.",
+                                   "BATCH_TIMEOUT_MS")
+    queue_size: int = _opt(64, "Most requests waiting for a run; beyond it requests get 503 at once.",
+                           "QUEUE_SIZE")
+    request_timeout_s: float = _opt(30.0, "A request not answered within this many seconds gets 503.",
+                                    "REQUEST_TIMEOUT_S")
+    max_body_bytes: int = _opt(16 * 1024 * 1024, "Largest request body (after decompression); beyond it 413.",
+                               "MAX_BODY_BYTES")
+    max_image_pixels: int = _opt(4096 * 4096, "Largest decoded image (width x height) accepted by /image.",
+                                 "MAX_IMAGE_PIXELS")
+    drift_window: int = _opt(1024, "Images in the sliding window that drift statistics are computed on.",
+                             "DRIFT_WINDOW")
+    monitor_top_n: int = _opt(20, "Sub-units exported as labelled gauges (by firing rate and by drift).",
+                              "MONITOR_TOP_N")
+    auth_token: str | None = _opt(None, "Bearer token required on every route except /v2/health/* "
+                                        "(prefer the environment variable over the flag).", "AUTH_TOKEN")
+    log_level: str = _opt("info", "uvicorn log level.", "LOG_LEVEL")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.provider not in PROVIDERS:
+            problems.append(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        for name in ("max_batch", "queue_size", "max_body_bytes", "max_image_pixels", "drift_window"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in 0..65535, got {self.port}")
+        if self.threads < 0 or self.monitor_top_n < 0:
+            problems.append("threads and monitor_top_n must not be negative")
+        if self.batch_timeout_ms < 0 or self.request_timeout_s <= 0:
+            problems.append("batch_timeout_ms must be >= 0 and request_timeout_s > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_env(cls, model_path: str | Path, environ: Mapping[str, str] | None = None,
+                 **overrides: Any) -> "ServeConfig":
+        """Defaults, then `ELUDE_SERVE_*` variables, then explicit overrides (None = not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in option_fields():
+            raw = environ.get(spec.metadata["env"])
+            if raw is not None and raw != "":
+                values[spec.name] = _parse(spec.name, raw, spec.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model_path=Path(model_path), **values)
+
+    def with_(self, **changes: Any) -> "ServeConfig":
+        return replace(self, **changes)
+
+
+def option_fields() -> list:
+    """The configurable fields (everything but the model path), in declaration order."""
+    return [f for f in fields(ServeConfig) if "env" in f.metadata]
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    kind = type(default) if default is not None else str
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc

@@ -1,0 +1,128 @@
+"""HTTP guards as plain ASGI middleware: request metrics, bearer auth, body size limit.
+
+They run before routing, so a rejected request (401, 413) costs no parsing and never
+reaches the queue; each still answers the v2 error body `{"error": ...}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Awaitable, Callable
+
+from serving.monitoring import ServingMetrics
+
+ASGIApp = Callable[..., Awaitable[None]]
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
+    return None
+
+
+class RequestMetrics:
+    """Counts requests and latency by route template (never by raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or ("guard" if status in (401, 413) else "unmatched")
+            self.metrics.requests.labels(route=label, code=str(status)).inc()
+            self.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
+
+
+class BearerAuth:
+    """With a token configured, every path but the health probes needs `Authorization: Bearer <token>`."""
+
+    def __init__(self, app: ASGIApp, token: str | None, metrics: ServingMetrics):
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = _header(scope, b"authorization") or b""
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.errors.labels(cause="unauthorized").inc()
+                await send_error(send, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Reads the body up to `max_bytes` (413 beyond, before any parsing), then replays it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServingMetrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def _reject(self, send, status: int, message: str) -> None:
+        self.metrics.errors.labels(cause="too_large" if status == 413 else "bad_request").inc()
+        await send_error(send, status, message, {"Connection": "close"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                await self._reject(send, 400, "Content-Length is not an integer")
+                return
+            if length > self.max_bytes:
+                await self._reject(send, 413, f"request body of {length} bytes exceeds {self.max_bytes}")
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(send, 413, f"request body exceeds {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
