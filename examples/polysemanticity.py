@@ -24,7 +24,7 @@ if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in
     # run as a script from a checkout without `pip install -e .`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elude_export.data.concepts import N_CLASSES, N_CONCEPTS, ConceptSet, load_split  # noqa: E402
+from elude_export.data.concepts import COLOURS, N_CLASSES, N_CONCEPTS, SHAPES, ConceptSet, load_split  # noqa: E402
 from elude_export.images import normalize_images  # noqa: E402
 from elude_export.models import create_embedded_model, embedded_input_spec, load_checkpoint_into  # noqa: E402
 
@@ -66,9 +66,10 @@ def unit_concept_stats(model: nn.Module, concept_set: ConceptSet, top_n: int = 2
     """Ground-truth concept / class statistics of each unit's top-`top_n` images, per block.
 
     Returns `{"blocks": [per-block dict], "top_n": top_n}`; each per-block dict holds the
-    per-unit arrays `concept_entropy`, `concept_purity`, `n_concepts`, `class_purity` and
-    their summaries `mean_concept_entropy`, `median_concept_entropy`, `mean_concept_purity`,
-    `share_units_ge3_concepts`, `mean_class_purity`.
+    per-unit arrays `concept_entropy`, `concept_purity`, `n_concepts`, `class_purity`,
+    `shape_purity`, `colour_purity` and their summaries `mean_concept_entropy`,
+    `median_concept_entropy`, `mean_concept_purity`, `share_units_ge3_concepts`,
+    `mean_class_purity`, `mean_shape_purity`, `mean_colour_purity`.
     """
     if len(concept_set) < top_n:
         raise ValueError(f"need at least top_n={top_n} images, got {len(concept_set)}")
@@ -80,6 +81,9 @@ def unit_concept_stats(model: nn.Module, concept_set: ConceptSet, top_n: int = 2
         top_concepts = concept_set.concepts[top]
         concept_entropy, concept_purity = _top_label_stats(top_concepts, N_CONCEPTS)
         _, class_purity = _top_label_stats(concept_set.labels[top], N_CLASSES)
+        # which factor a unit's concept mix shares: a pure colour with mixed shapes is a colour detector
+        _, shape_purity = _top_label_stats(concept_set.factors["shape"][top], len(SHAPES))
+        _, colour_purity = _top_label_stats(concept_set.factors["colour"][top], len(COLOURS))
         n_concepts = np.array([np.unique(row).size for row in top_concepts])
         blocks.append(
             {
@@ -87,11 +91,15 @@ def unit_concept_stats(model: nn.Module, concept_set: ConceptSet, top_n: int = 2
                 "concept_purity": concept_purity,
                 "n_concepts": n_concepts,
                 "class_purity": class_purity,
+                "shape_purity": shape_purity,
+                "colour_purity": colour_purity,
                 "mean_concept_entropy": float(concept_entropy.mean()),
                 "median_concept_entropy": float(np.median(concept_entropy)),
                 "mean_concept_purity": float(concept_purity.mean()),
                 "share_units_ge3_concepts": float((n_concepts >= 3).mean()),
                 "mean_class_purity": float(class_purity.mean()),
+                "mean_shape_purity": float(shape_purity.mean()),
+                "mean_colour_purity": float(colour_purity.mean()),
             }
         )
     return {"blocks": blocks, "top_n": top_n}
@@ -101,14 +109,15 @@ def format_table(stats: dict) -> str:
     """One row per block, summaries only."""
     header = (
         f"{'block':>5} {'units':>5} {'conc.entropy mean':>17} {'median':>7} {'conc.purity':>11} "
-        f"{'>=3 concepts':>12} {'class purity':>12}"
+        f"{'>=3 concepts':>12} {'class purity':>12} {'shape pur.':>10} {'colour pur.':>11}"
     )
     lines = [f"top-{stats['top_n']} images per unit; concept entropy in bits (max {np.log2(N_CONCEPTS):.0f})", header]
     for index, block in enumerate(stats["blocks"]):
         lines.append(
             f"{index:>5} {block['concept_entropy'].size:>5} {block['mean_concept_entropy']:>17.3f} "
             f"{block['median_concept_entropy']:>7.3f} {block['mean_concept_purity']:>11.3f} "
-            f"{block['share_units_ge3_concepts']:>12.3f} {block['mean_class_purity']:>12.3f}"
+            f"{block['share_units_ge3_concepts']:>12.3f} {block['mean_class_purity']:>12.3f} "
+            f"{block['mean_shape_purity']:>10.3f} {block['mean_colour_purity']:>11.3f}"
         )
     return "\n".join(lines)
 
