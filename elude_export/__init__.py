@@ -23,6 +23,10 @@ _PUBLIC = {
     "read_taps": "elude_export.rewrite",
     "set_steers": "elude_export.rewrite",
     "reset_steers": "elude_export.rewrite",
+    "export_onnx": "elude_export.onnx_export",
+    "validate_export": "elude_export.validate",
+    "write_triton_repository": "elude_export.triton",
+    "evaluate": "elude_export.evaluate",
 }
 
 __all__ = ["__version__", *_PUBLIC]

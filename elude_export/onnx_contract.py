@@ -22,7 +22,11 @@ metadata_props keys (all JSON strings unless noted)
 - `elude.baseline`: {"quantile_levels":[...], "layers": {path: {"threshold":[per unit],
   "fire_rate":[per sub-unit], "mean":[...], "quantiles":[[per sub-unit L values]],
   "bin_fraction":[[L+1 values]]}}} (calibration statistics for monitoring);
-- `elude.versions`: {"elude","torch","timm","onnx","opset","exporter"}.
+- `elude.versions`: {"elude","torch","timm","onnx","opset","exporter"};
+- `elude.export` (added by the exporter; absent in older files): {"mode": "fused"|"explicit",
+  "low_rank": bool, "steer_layout": "shared"|"per_image"}. `shared`: steer inputs are
+  (n_subunits,) as above; `per_image`: (steer_batch, n_subunits), default (1, n_subunits),
+  one row per image or one row for all (the layout a batching server such as Triton needs).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class OnnxContract:
     baseline: dict[str, LayerBaseline] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    export: dict[str, Any] = field(default_factory=dict)
 
     def layer(self, path: str) -> LayerInfo:
         for info in self.layers:
@@ -119,6 +124,7 @@ class OnnxContract:
             f"{PREFIX}taps": json.dumps([vars(tap) for tap in self.taps]),
             f"{PREFIX}baseline": json.dumps(baseline),
             f"{PREFIX}versions": json.dumps(self.versions),
+            f"{PREFIX}export": json.dumps(self.export),
         }
 
     @classmethod
@@ -148,6 +154,7 @@ class OnnxContract:
                 baseline=baseline,
                 versions=json.loads(props.get(f"{PREFIX}versions", "{}")),
                 schema_version=int(version),
+                export=json.loads(props.get(f"{PREFIX}export", "{}")),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed ELUDe metadata: {exc}") from exc

@@ -42,6 +42,11 @@ class SubunitRouter(nn.Module):
         self.n_split = int(layer.split_units.numel())
         self.k_max = layer.k_max
         self.register_buffer("split_units", layer.split_units.clone())
+        # slot of every unit in [whole, split_0, split_1, ...]: routes are gathered, not scattered
+        # (a gather exports to one cheap ONNX Gather; scatter needs a zeros tensor plus ScatterElements)
+        slot = torch.zeros(layer.n_units, dtype=torch.long)
+        slot[layer.split_units] = torch.arange(1, self.n_split + 1)
+        self.register_buffer("slot", slot)
         valid = layer.router_valid.reshape(-1)
         # padded rows (k >= K_j) can never win the argmax
         self.register_buffer("row_bias", torch.where(valid, 0.0, float("-inf")))
@@ -58,23 +63,31 @@ class SubunitRouter(nn.Module):
             return x[:, 0] if self.context_token == "cls" else x.mean(1)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n_split, Kmax) routing scores of the split units, -inf on padded rows."""
         described = self.describe(x)
-        lead = described.shape[:-1]
-        if self.n_split == 0:
-            return torch.zeros(*lead, self.n_units, dtype=torch.long, device=x.device)
         if self.low_rank:
             scores = (described @ self.weight_b.to(described.dtype).T) @ self.weight_a.to(described.dtype).T
         else:
             scores = described @ self.weight.to(described.dtype).T
         scores = scores + self.row_bias.to(scores.dtype)
-        split_route = scores.unflatten(-1, (self.n_split, self.k_max)).argmax(-1)
-        route = torch.zeros(*lead, self.n_units, dtype=torch.long, device=x.device)
-        return route.scatter(-1, self.split_units.expand(*lead, self.n_split), split_route)
+        return scores.unflatten(-1, (self.n_split, self.k_max))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_split == 0:
+            lead = self.describe(x).shape[:-1]
+            return torch.zeros(*lead, self.n_units, dtype=torch.long, device=x.device)
+        split_route = self.scores(x).argmax(-1)
+        return torch.index_select(F.pad(split_route, (1, 0)), -1, self.slot)
 
 
 class SubunitConsumer(nn.Module):
-    """Stands in for `fc2`: routes `h` into sub-units, applies steers, records taps."""
+    """Stands in for `fc2`: routes `h` into sub-units, applies steers, records taps.
+
+    Steers come from the `steer` buffer (`set_steers`) or, in exported graphs, from
+    `steer_override`: shape `(S,)` (one steer vector for the batch) or `(Bs, S)` with `Bs` 1 or
+    the batch (one per image; what a batching server such as Triton needs).
+    """
 
     def __init__(self, linear: nn.Linear, layer: LayerPlan, mode: str):
         super().__init__()
@@ -82,10 +95,18 @@ class SubunitConsumer(nn.Module):
             raise ValueError(f"unknown mode '{mode}' (use {' or '.join(MODES)})")
         self.mode = mode
         self.linear = linear
+        self.k_max = layer.k_max
         parent, sub = layer.columns()
+        offsets = layer.unit_offsets()
         self.register_buffer("parent", parent)
         self.register_buffer("sub", sub)
-        self.register_buffer("offsets", layer.unit_offsets())
+        self.register_buffer("offsets", offsets)
+        # sub-unit column c lives at parent*Kmax + sub in a unit-major (H, Kmax) grid, and grid cell
+        # (j, k) reads column offsets_j + min(k, K_j - 1): both directions are plain gathers
+        self.register_buffer("grid_column", parent * self.k_max + sub)
+        ks = layer.k.long()
+        self.register_buffer("column_of_cell", (offsets[:, None] + torch.minimum(
+            torch.arange(self.k_max)[None, :], ks[:, None] - 1)).reshape(-1))
         self.register_buffer("steer", torch.ones(layer.n_subunits, dtype=linear.weight.dtype))
         if mode == "explicit":
             self.register_buffer("expanded_weight", linear.weight.detach()[:, parent].clone())
@@ -110,37 +131,70 @@ class SubunitConsumer(nn.Module):
         self.taps = self._taps(tokens, token_route)
         steer = self._active_steer()
         if self.mode == "explicit":
-            mask = (token_route[..., self.parent] == self.sub).to(h.dtype)
-            expanded = tokens[..., self.parent] * mask
+            mask = (_columns(token_route, self.parent) == self.sub).to(h.dtype)
+            expanded = _columns(tokens, self.parent) * mask
             if steer is not None:
-                expanded = expanded * steer.to(h.dtype)
+                expanded = expanded * (steer.to(h.dtype) if steer.ndim == 1 else steer.to(h.dtype).unsqueeze(1))
             out = F.linear(expanded, self.expanded_weight, self.linear.bias)
             return out if h.ndim == 3 else out.squeeze(1)
         if steer is not None:
-            factor = steer.to(h.dtype)[self.offsets + token_route]
+            factor = self._steer_factor(steer.to(h.dtype), token_route)
             return self.linear(h * (factor if h.ndim == 3 else factor.squeeze(1)))
         return self.linear(h)
 
+    def _steer_factor(self, steer: torch.Tensor, token_route: torch.Tensor) -> torch.Tensor:
+        """(B, n, H) scale of each unit's active sub-unit; n is 1 for context routing."""
+        if steer.ndim == 1:  # one vector for the batch: a single gather
+            return steer[self.offsets + token_route]
+        # per image (Bs, S), Bs in {1, B}: sum_k [route == k] * steer[:, column of (j, k)]. Only
+        # axis-1 gathers and broadcasting touch the image axis (no reshape, no transpose), so the
+        # exported graph accepts a (1, S) default as well as one row per image
+        cells = self.column_of_cell.view(-1, self.k_max)
+        factor = None
+        for k in range(self.k_max):
+            term = (token_route == k).to(steer.dtype) * torch.index_select(steer, 1, cells[:, k]).unsqueeze(1)
+            factor = term if factor is None else factor + term
+        return factor
+
     def _taps(self, tokens: torch.Tensor, token_route: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled taps without materialising the (B, tokens, S) sub-unit tensor where possible.
+
+        A column of a pooled tap only needs its unit's pooled value and the image's route
+        (context routing, or the cls token) or, per token route, one masked reduction per k.
+        """
         if not self.poolings and not self.token_taps:
             return {}
-        mask = (token_route[..., self.parent] == self.sub).to(tokens.dtype)
         taps: dict[str, torch.Tensor] = {}
-        per_token = self.token_taps or token_route.shape[1] > 1
-        expanded = tokens[..., self.parent] * mask if per_token else None
+        per_image_route = token_route.shape[1] == 1
+        masked: list[torch.Tensor] | None = None
         for pooling in self.poolings:
-            if expanded is not None:
-                pooled = {"max": lambda: expanded.amax(1), "mean": lambda: expanded.mean(1),
-                          "cls": lambda: expanded[:, 0]}[pooling]()
-            else:  # context routing: one route per image, so pool h first and expand (B, H) only
-                pooled_h = {"max": lambda: tokens.amax(1), "mean": lambda: tokens.mean(1),
-                            "cls": lambda: tokens[:, 0]}[pooling]()
-                pooled = pooled_h[:, self.parent] * mask[:, 0]
-            taps[pooling] = pooled
+            if pooling == "cls" or per_image_route:
+                pooled_h = tokens[:, 0] if pooling == "cls" else _pool(tokens, pooling)
+                gate = (_columns(token_route[:, 0], self.parent) == self.sub).to(tokens.dtype)
+                taps[pooling] = _columns(pooled_h, self.parent) * gate
+                continue
+            if masked is None:  # u_jk over tokens for each k: (B, N, H) each
+                masked = [tokens * (token_route == k).to(tokens.dtype) for k in range(self.k_max)]
+            grid = torch.stack([_pool(values, pooling) for values in masked], -1)  # (B, H, Kmax)
+            taps[pooling] = _columns(grid.flatten(1), self.grid_column)
         if self.token_taps:
-            assert expanded is not None
-            taps["tokens"] = expanded
+            mask = (_columns(token_route, self.parent) == self.sub).to(tokens.dtype)
+            taps["tokens"] = _columns(tokens, self.parent) * mask
         return taps
+
+
+def _columns(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[..., index]: index_select exports to one ONNX Gather (advanced indexing to GatherND)."""
+    return torch.index_select(values, -1, index)
+
+
+def _pool(values: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, N, X) -> (B, X) over tokens."""
+    if pooling == "max":
+        return values.amax(1)
+    if pooling == "mean":
+        return values.mean(1)
+    return values[:, 0]
 
 
 class DisentangledLayer(nn.Module):
@@ -240,6 +294,26 @@ def configure_taps(model: nn.Module, poolings: Iterable[str] = POOLINGS, token_t
         active = wanted is None or path in wanted
         layer.consumer.poolings = poolings if active else ()
         layer.consumer.token_taps = token_taps and active
+
+
+def configure_layer_taps(model: nn.Module, taps: Mapping[str, Iterable[str]]) -> None:
+    """Per-layer taps, e.g. {"blocks.3.mlp": ("max", "tokens")}; `tokens` is the token-level tap.
+
+    Layers not named compute none, so an export pays only for the taps it exposes.
+    """
+    found = disentangled_layers(model)
+    unknown_layers = set(taps) - set(found)
+    if unknown_layers:
+        raise PlanError(f"no rewritten layer named {sorted(unknown_layers)}")
+    wanted = {path: tuple(names) for path, names in taps.items()}
+    for names in wanted.values():
+        unknown = set(names) - set(POOLINGS) - {"tokens"}
+        if unknown:
+            raise PlanError(f"unknown pooling(s) {sorted(unknown)} (use {', '.join(POOLINGS)} or tokens)")
+    for path, layer in found.items():
+        names = wanted.get(path, ())
+        layer.consumer.poolings = tuple(name for name in names if name != "tokens")
+        layer.consumer.token_taps = "tokens" in names
 
 
 def read_taps(model: nn.Module) -> dict[str, torch.Tensor]:
