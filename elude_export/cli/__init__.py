@@ -40,6 +40,14 @@ def _register() -> None:
 
     for command in (core.fit_command, core.inspect_command, core.demo_command):
         main.add_command(command)
+    from elude_export.cli import export
+    for command in (export.export_command, export.validate_command):
+        main.add_command(command)
+    from elude_export.cli.serve import serve_command
+    main.add_command(serve_command)
+    from elude_export.cli import evidence
+    for command in (evidence.evaluate_command, evidence.report_command, evidence.steer_command):
+        main.add_command(command)
 
 
 _register()

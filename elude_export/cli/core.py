@@ -120,14 +120,23 @@ def inspect_command(plan_path, top, as_json):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--check-images", type=click.IntRange(8), default=512, show_default=True,
               help="Held-out images for the equality check.")
+@click.option("--sae/--no-sae", default=False, show_default=True,
+              help="Also train the sparse-autoencoder baseline in the evaluation (slower).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_command(out_dir, device, check_images, quiet):
-    """Run the whole pipeline on the embedded concept ViT and data, offline."""
+def demo_command(out_dir, device, check_images, sae, quiet):
+    """Run the whole pipeline on the embedded concept ViT and data, offline.
+
+    fit -> plan -> lossless rewrite check -> ONNX export -> onnxruntime validation ->
+    interpretability evaluation (units vs sub-units vs random-split control) on held-out images.
+    """
     from elude_export.calibrate import resolve_device
     from elude_export.equality import check_rewrite
+    from elude_export.evaluate import EvalConfig, evaluate
     from elude_export.fit import FitConfig, fit
     from elude_export.models import load_model
+    from elude_export.onnx_export import export_onnx
     from elude_export.sources import open_source
+    from elude_export.validate import validate_export
 
     started = time.perf_counter()
     try:
@@ -147,9 +156,24 @@ def demo_command(out_dir, device, check_images, quiet):
     for result in results:
         click.echo("  " + result.line())
     _print_layer_table(report.plan)
-    click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     if not all(result.ok for result in results):
         raise EludeError("rewritten model does not match the original within tolerance")
+
+    onnx_path = export_onnx(loaded, report.plan, out_dir / "model.onnx", taps="all:max,mean", steer=True)
+    click.echo(f"\nexported {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB); validating under onnxruntime:")
+    validation = validate_export(loaded, report.plan, onnx_path, open_source("embedded:test"), provider="auto")
+    for line in validation.lines():
+        click.echo("  " + line)
+    validation.write_json(out_dir / "validation.json")
+    if not validation.ok:
+        raise EludeError("exported ONNX model does not match PyTorch within tolerance")
+
+    click.echo("\ninterpretability on held-out images (embedded:test, ground-truth concepts):")
+    config = EvalConfig(sae=sae)
+    evaluation = evaluate(loaded, report.plan, open_source("embedded:test"), config,
+                          sae_source=open_source("embedded:calib") if sae else None, device=target)
+    click.echo(evaluation.table())
+    click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f}s; artifacts in {out_dir}/")
 
 
 def _print_layer_table(plan) -> None:
