@@ -44,7 +44,7 @@ from elude_export.layers import find_layers
 from elude_export.models import LoadedModel
 from elude_export.plan import LayerPlan, Plan
 from elude_export.rewrite import apply_plan, disentangled_layers
-from elude_export.sae import SAEConfig, SAEHistory, TopKSAE, collect_hidden_tokens, fvu, train_sae
+from elude_export.sae import SAEConfig, SAEHistory, TopKSAE, collect_hidden_tokens, train_sae
 from elude_export.sources import ImageSource
 
 METHODS = ("units", "elude", "random", "shuffle", "sae")
@@ -621,7 +621,7 @@ def format_table(result: EvalResult, split_only: bool = False) -> str:
             lines.append(f"  SAE: {s['latents']} latents, k={s['k']}, eval FVU {s['eval_fvu']:.4f}, "
                          f"spliced accuracy {s['spliced_accuracy']:.4f} (original {acc['original']:.4f}), "
                          f"trained {s['train_steps']} steps / {s['train_seconds']:.1f}s")
-        header = f"  {'method':<7}{'scope':<6}{'cols':>6}{'unsc':>6}  {'label purity':<22}{'Δ vs units':<25}"
+        header = f"  {'method':<8}{'scope':<6}{'cols':>6}{'unsc':>6}  {'label purity':<22}{'Δ vs units':<25}"
         if has_concepts:
             header += f"{'concept purity':<22}{'Δ vs units':<25}"
         header += f"{'coherence':<22}{'entropy':>8}"
@@ -632,7 +632,7 @@ def format_table(result: EvalResult, split_only: bool = False) -> str:
             if split_only and row["scope"] != "split":
                 continue
             delta = row.get("delta_vs_units", {})
-            line = (f"  {row['method']:<7}{row['scope']:<6}{row['columns']:>6}{row['unscored']:>6}  "
+            line = (f"  {row['method']:<8}{row['scope']:<6}{row['columns']:>6}{row['unscored']:>6}  "
                     f"{_fmt(row['label_purity']):<22}{_fmt(delta.get('label_purity'), True):<25}")
             if has_concepts:
                 line += f"{_fmt(row['concept_purity']):<22}{_fmt(delta.get('concept_purity'), True):<25}"
@@ -644,7 +644,7 @@ def format_table(result: EvalResult, split_only: bool = False) -> str:
             lines.append(line)
             for control in CONTROLS if row["method"] == "elude" else ():
                 vs = row[f"delta_vs_{control}"]
-                text = f"  {'':<13}{'':>12}  {'elude - ' + control + ':':<22}{_fmt(vs.get('label_purity'), True):<25}"
+                text = f"  {'':<14}{'':>12}  {'elude - ' + control + ':':<22}{_fmt(vs.get('label_purity'), True):<25}"
                 if has_concepts:
                     text += f"{'':<22}{_fmt(vs.get('concept_purity'), True):<25}"
                 lines.append(text)

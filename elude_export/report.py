@@ -144,7 +144,8 @@ def argmax_tokens(loaded: LoadedModel, plan: Plan, source: ImageSource, path: st
     return unit_tokens, sub_tokens
 
 
-def _patch_box(model: nn.Module, token: int, display: int, spec_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+def _patch_box(model: nn.Module, token: int, display: int,
+               spec_size: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """Pixel box of a token on a `display`-sized image, None for prefix (CLS) tokens or non-ViTs."""
     patch_embed = getattr(model, "patch_embed", None)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
@@ -188,7 +189,8 @@ def _caption(column_set: ColumnSet, index: int, n_images: int, source: ImageSour
              f"fires on {column_set.active[index] / max(n_images, 1):.1%} of images"]
     scored = column_set.active[index] >= top_n
     if not scored:
-        parts.append(f"<span class='warn'>unscored: fires on {int(column_set.active[index])} &lt; {top_n} images</span>")
+        fired = int(column_set.active[index])
+        parts.append(f"<span class='warn'>unscored: fires on {fired} &lt; {top_n} images</span>")
     for metric, label in (("label_purity", "label purity"), ("concept_purity", "concept purity"),
                           ("coherence", "coherence")):
         value = metrics.get(metric, np.array([np.nan]))[index]
@@ -266,7 +268,7 @@ def build_report(loaded: LoadedModel, plan: Plan, source: ImageSource, result: E
         f"<img alt='K distribution' src='data:image/png;base64,{plots['k_distribution']}'>",
         f"<img alt='purity histograms' src='data:image/png;base64,{plots['purity_histograms']}'>",
         f"<h2>Layer {html.escape(chosen.path)}: {len(units)} split unit(s), ordered by "
-        f"{'gain in ' + metric.replace('_', ' ') + ' (best first: a selection, not a sample)' if order == 'gain' else order}</h2>",
+        f"{_order_text(order, metric)}</h2>",
     ]
     if not units:
         body.append("<p>No unit of this layer was split.</p>")
@@ -274,6 +276,12 @@ def build_report(loaded: LoadedModel, plan: Plan, source: ImageSource, result: E
         body.append(_unit_section(loaded, plan, source, result, chosen, unit, device))
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>ELUDe report</title><style>" + CSS
             + "</style></head><body>" + "\n".join(body) + "</body></html>")
+
+
+def _order_text(order: str, metric: str) -> str:
+    if order == "gain":
+        return f"gain in {metric.replace('_', ' ')} (best first: a selection, not a sample)"
+    return "unit index" if order == "index" else "a random sample"
 
 
 def _choose_layer(result: EvalResult, layer: str | None) -> LayerEvaluation:

@@ -48,6 +48,7 @@ class SAEHistory:
     steps: int = 0
     seconds: float = 0.0
     fvu: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out FVU)
+    elapsed: list[float] = field(default_factory=list)  # training seconds at each FVU check
     dead_fraction: float = 0.0
     reached_target: bool = False
 
@@ -164,6 +165,9 @@ def _train_sae(h: torch.Tensor, config: SAEConfig, device: torch.device | str) -
             value = fvu(sae, held)
             sae.train()
             history.fvu.append((step, value))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.elapsed.append(time.perf_counter() - started)
             if config.target_fvu is not None and value <= config.target_fvu:
                 history.reached_target = True
                 break

@@ -16,10 +16,8 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +29,17 @@ if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elude_export.images import normalize_images  # noqa: E402
-from elude_export.models import EMBEDDED_ARCH, EMBEDDED_DIGITS_WEIGHTS, create_embedded_model, embedded_input_spec  # noqa: E402
+from elude_export.models import (  # noqa: E402
+    EMBEDDED_ARCH,
+    EMBEDDED_DIGITS_WEIGHTS,
+    create_embedded_model,
+    embedded_input_spec,
+)
 from elude_export.sources import open_source  # noqa: E402
+
+# the shared recipe pieces live in the sibling script (its folder is on sys.path when run)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_embedded import atomic_write_bytes, param_groups, resolve_device  # noqa: E402
 
 DEFAULT_EPOCHS = 60
 DEFAULT_BATCH = 64
@@ -63,27 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def lr_at(step: int, total: int, base_lr: float, warmup_fraction: float = 0.05) -> float:
     """Linear warmup then cosine to zero (the usual small-ViT schedule)."""
     warmup = max(1, int(warmup_fraction * total))
     if step < warmup:
         return base_lr * (step + 1) / warmup
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def random_affine(batch: torch.Tensor, generator: torch.Generator, background: float) -> torch.Tensor:
@@ -172,24 +164,6 @@ def train(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     return model.cpu().eval(), stats
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """temp file in the same directory + os.replace: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     card_path = args.out_dir / EMBEDDED_DIGITS_WEIGHTS.with_suffix(".json").name
     atomic_write_bytes(weights, save(state))
     atomic_write_bytes(card_path, (json.dumps(card, indent=2) + "\n").encode())
-    print(f"test accuracy {stats['test_accuracy']:.4f} in {stats['train_seconds']:.0f}s; wrote {weights} and {card_path}")
+    print(f"test accuracy {stats['test_accuracy']:.4f} in {stats['train_seconds']:.0f}s")
+    print(f"wrote {weights} and {card_path}")
     return 0
 
 

@@ -26,3 +26,15 @@ def random_plan(model: nn.Module, spec: InputSpec, router: str = "context", k_ma
         rows *= (torch.arange(width)[None, :] < k[split][:, None]).unsqueeze(-1)
         layer_plans.append(LayerPlan(layer.path, layer.kind, k, split, rows, torch.nn.functional.normalize(rows, dim=-1)))
     return Plan(layer_plans, "test-model", fingerprint_model(model), spec, router, context_token_of(model))
+
+
+def small_fitted_plan(seed: int, layer: str, k_max: int):
+    """An untrained embedded ViT (fixed seed) and a plan fitted on 160 calibration images of one layer."""
+    from elude_export.fit import FitConfig, fit
+    from elude_export.models import LoadedModel, create_embedded_model, embedded_input_spec
+    from elude_export.sources import open_source
+
+    torch.manual_seed(seed)
+    loaded = LoadedModel(create_embedded_model(pretrained=False), "embedded", embedded_input_spec(), 4)
+    config = FitConfig(limit=160, layers=[layer], k_rule="fixed", k_max=k_max, n_init=1, top_m=64, stats_images=160)
+    return loaded, fit(loaded, open_source("embedded:calib"), config).plan

@@ -15,30 +15,19 @@ from elude_export.evaluate import (
     EvalConfig, RunningTopN, evaluate, mean_ci, paired_delta_ci, purity_entropy, random_split_plan,
     same_class_concept_mix, shuffled_subunit_max, weighted_coherence, write_json,
 )
-from elude_export.fit import FitConfig, fit
-from elude_export.models import LoadedModel, create_embedded_model, embedded_input_spec
 from elude_export.rewrite import apply_plan
 from elude_export.sources import open_source
-from plan_factory import random_plan
+from plan_factory import random_plan, small_fitted_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     """An untrained embedded ViT (fixed seed), a plan fitted on 160 calibration images, its files."""
-    torch.manual_seed(0)
-    model = create_embedded_model(pretrained=False)
-    loaded = LoadedModel(model, "embedded", embedded_input_spec(), 4)
-    config = FitConfig(limit=160, layers=["blocks.1.mlp"], k_rule="fixed", k_max=3, n_init=1, top_m=64,
-                       stats_images=160)
-    plan = fit(loaded, open_source("embedded:calib"), config).plan
+    loaded, plan = small_fitted_plan(seed=0, layer="blocks.1.mlp", k_max=3)
+    model = loaded.model
     folder = tmp_path_factory.mktemp("evaluate")
     checkpoint = folder / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))

@@ -11,36 +11,26 @@ import tempfile
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
 from elude_export.cli import main
 from elude_export.evaluate import EvalConfig, evaluate
-from elude_export.fit import FitConfig, fit
-from elude_export.models import LoadedModel, create_embedded_model, embedded_input_spec
 from elude_export.report import build_report, write_report
 from elude_export.sources import open_source
+from plan_factory import small_fitted_plan
 
 LAYER = "blocks.3.mlp"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory):
-    torch.manual_seed(2)
-    model = create_embedded_model(pretrained=False)
-    loaded = LoadedModel(model, "embedded", embedded_input_spec(), 4)
-    config = FitConfig(limit=160, layers=[LAYER], k_rule="fixed", k_max=2, n_init=1, top_m=64, stats_images=160)
-    plan = fit(loaded, open_source("embedded:calib"), config).plan
+    loaded, plan = small_fitted_plan(seed=2, layer=LAYER, k_max=2)
+    model = loaded.model
     source = open_source("embedded:test")
     result = evaluate(loaded, plan, source, EvalConfig(top_n=6, limit=96, bootstrap=30, sae_steps=20,
                                                        sae_batch_size=128, sae_tokens=2000, sae_limit=48, sae_k=8),

@@ -12,13 +12,7 @@ from elude_export.sae import SAEConfig, TopKSAE, collect_hidden_tokens, fvu, tra
 from elude_export.sources import ArraySource
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box run fastest (and fairest) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_sparse(tokens: int = 4000, dim: int = 32, atoms: int = 48, active: int = 3, seed: int = 0):

@@ -9,30 +9,21 @@ from safetensors.torch import save_file
 
 from elude_export.cli import main
 from elude_export.errors import PlanError
-from elude_export.fit import FitConfig, fit
-from elude_export.models import LoadedModel, create_embedded_model, embedded_input_spec
 from elude_export.rewrite import apply_plan, disentangled_layers, reset_steers, set_steers
 from elude_export.sources import open_source
+from plan_factory import small_fitted_plan
 from elude_export.steering import resolve_subunit, steer_effect
 
 LAYER = "blocks.2.mlp"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def steer_run(tmp_path_factory):
-    torch.manual_seed(1)
-    model = create_embedded_model(pretrained=False)
-    loaded = LoadedModel(model, "embedded", embedded_input_spec(), 4)
-    config = FitConfig(limit=160, layers=[LAYER], k_rule="fixed", k_max=3, n_init=1, top_m=64, stats_images=160)
-    plan = fit(loaded, open_source("embedded:calib"), config).plan
+    loaded, plan = small_fitted_plan(seed=1, layer=LAYER, k_max=3)
+    model = loaded.model
     folder = tmp_path_factory.mktemp("steer")
     checkpoint = folder / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))

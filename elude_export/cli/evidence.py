@@ -34,12 +34,14 @@ def _source(spec: str, loaded, what: str):
 def evaluation_options(command):
     """Options shared by `evaluate` and `report`."""
     for decorator in reversed([
-        click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan file (from `elude fit`)."),
+        click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path),
+                     help="Plan file (from `elude fit`)."),
         click.option("--model", default=None, help="Model the plan was fitted on (default: the plan's model name)."),
         click.option("--data", default="embedded:test", show_default=True,
-                     help="Labelled evaluation images NOT used for fitting: embedded:test, digits:test, .npz with labels, "
-                          "or a class-per-folder image tree."),
-        click.option("--layers", "layer_patterns", multiple=True, help="Evaluate only these plan layers (exact paths)."),
+                     help="Labelled evaluation images NOT used for fitting: embedded:test, digits:test, "
+                          ".npz with labels, or a class-per-folder image tree."),
+        click.option("--layers", "layer_patterns", multiple=True,
+                     help="Evaluate only these plan layers (exact paths)."),
         click.option("--top-n", type=click.IntRange(2), default=20, show_default=True,
                      help="Top-activating images per unit / sub-unit."),
         click.option("--limit", type=click.IntRange(1), default=None, help="Use at most this many evaluation images."),
@@ -48,8 +50,10 @@ def evaluation_options(command):
         click.option("--sae-data", default=None,
                      help="Images the SAE trains on: the plan's fit data (default: embedded:calib for embedded:test, "
                           "digits:train for digits:test)."),
-        click.option("--sae-k", type=click.IntRange(1), default=32, show_default=True, help="Active SAE latents per token."),
-        click.option("--sae-steps", type=click.IntRange(1), default=2000, show_default=True, help="SAE training steps."),
+        click.option("--sae-k", type=click.IntRange(1), default=32, show_default=True,
+                     help="Active SAE latents per token."),
+        click.option("--sae-steps", type=click.IntRange(1), default=2000, show_default=True,
+                     help="SAE training steps."),
         click.option("--bootstrap", type=click.IntRange(10), default=1000, show_default=True,
                      help="Bootstrap resamples for the confidence intervals."),
         click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
