@@ -36,17 +36,14 @@ def main() -> None:
 
 
 def _register() -> None:
-    from elude_export.cli import core
+    from elude_export.cli import core, evidence, export, serve
 
-    for command in (core.fit_command, core.inspect_command, core.demo_command):
-        main.add_command(command)
-    from elude_export.cli import export
-    for command in (export.export_command, export.validate_command):
-        main.add_command(command)
-    from elude_export.cli.serve import serve_command
-    main.add_command(serve_command)
-    from elude_export.cli import evidence
-    for command in (evidence.evaluate_command, evidence.report_command, evidence.steer_command):
+    for command in (
+        core.fit_command, core.inspect_command, core.demo_command,
+        export.export_command, export.validate_command,
+        serve.serve_command,
+        evidence.evaluate_command, evidence.report_command, evidence.steer_command,
+    ):
         main.add_command(command)
 
 
