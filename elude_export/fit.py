@@ -35,7 +35,7 @@ class FitConfig:
     router: str = "context"  # "context" (route by the image's CLS input) or "token"
     top_m: int = 256  # activations per unit to cluster: the top of the range is where concepts separate
     per_image_cap: int = 2  # token router: at most this many tokens of one image per unit
-    k_max: int = 4
+    k_max: int = 8  # measured best on the concept and digits models (README, Evidence); the K rule picks fewer
     k_rule: str = "gap"  # "gap" (null-referenced dispersion gain) or "fixed" (every unit gets k_max)
     min_gain: float = 0.02
     min_cluster_frac: float = 0.05

@@ -51,7 +51,7 @@ def split_patterns(values: tuple[str, ...]) -> list[str] | None:
               help="Top activations per unit to cluster.")
 @click.option("--per-image-cap", type=click.IntRange(1), default=2, show_default=True,
               help="Token router: at most this many tokens of one image per unit.")
-@click.option("--k-max", type=click.IntRange(1, 16), default=4, show_default=True, help="Most sub-units per unit.")
+@click.option("--k-max", type=click.IntRange(1, 16), default=8, show_default=True, help="Most sub-units per unit.")
 @click.option("--k-rule", type=click.Choice(["gap", "fixed"]), default="gap", show_default=True,
               help="gap: split a unit only where its clusters beat a covariance-matched null; fixed: every unit gets --k-max.")
 @click.option("--min-gain", type=float, default=0.02, show_default=True,
