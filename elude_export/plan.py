@@ -185,6 +185,9 @@ class Plan:
             raise PlanError(f"cannot write plan to {path}: {exc.strerror}") from exc
         try:
             save_file(tensors, temp, metadata=metadata)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a plan is shared like any artifact
             os.replace(temp, path)
         except BaseException:
             Path(temp).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ def test_round_trip_keeps_every_tensor_and_setting(plan, tmp_path: Path) -> None
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["layers"][0]["subunits"][:2] == plan.layers[0].subunit_names()[:2]
     assert not list(tmp_path.glob(".*.tmp")), "temp file left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "plan must get the usual file permissions"
 
 
 def test_names_are_stable_and_parse_back(plan) -> None:
