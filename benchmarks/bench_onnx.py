@@ -47,9 +47,9 @@ VARIANTS = [
 
 def load_and_fit(name: str, n_images: int, router: str, log) -> tuple:
     """(loaded model, plan): the embedded model as shipped, or a random-weight timm model."""
-    from elude_export.fit import FitConfig, fit
-    from elude_export.models import EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec, load_model
-    from elude_export.sources import ArraySource, open_source
+    from elude_export.fitting.fit import FitConfig, fit
+    from elude_export.models.loading import EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec, load_model
+    from elude_export.data.sources import ArraySource, open_source
 
     torch.manual_seed(0)
     if name == "embedded" and EMBEDDED_WEIGHTS.is_file():
@@ -74,7 +74,7 @@ def load_and_fit(name: str, n_images: int, router: str, log) -> tuple:
 
 
 def export_variants(loaded, plan, variants: list[Variant], folder: Path, log) -> dict[str, Path]:
-    from elude_export.onnx_export import export_onnx, export_reference_onnx
+    from elude_export.export.onnx_export import export_onnx, export_reference_onnx
 
     middle = plan.layers[len(plan.layers) // 2].path
     paths = {"original": export_reference_onnx(loaded, folder / "original.onnx")}

@@ -52,11 +52,11 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 def build_embedded(out: Path, checkpoint: Path | None = None) -> tuple[Path, str]:
     """Export the embedded ViT (trained weights when bundled, else the same architecture untrained)."""
-    from elude_export.fit import FitConfig, fit
-    from elude_export.models import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec,
+    from elude_export.fitting.fit import FitConfig, fit
+    from elude_export.models.loading import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec,
                                      load_model)
-    from elude_export.onnx_export import export_onnx
-    from elude_export.sources import open_source
+    from elude_export.export.onnx_export import export_onnx
+    from elude_export.data.sources import open_source
 
     if checkpoint is not None:
         loaded, what = load_model("embedded", checkpoint=checkpoint), f"embedded ViT ({checkpoint})"
@@ -207,7 +207,7 @@ def main() -> int:
         path, what = build_fixture_model(workdir / "fixture.onnx").path, "tiny fixture model"
     else:
         path, what = build_embedded(workdir, args.checkpoint)
-    from elude_export.onnx_contract import read_contract
+    from elude_export.export.contract import read_contract
     from serving.server import free_port
 
     contract = read_contract(path)

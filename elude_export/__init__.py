@@ -14,19 +14,19 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "EludeError": "elude_export.errors",
-    "FitConfig": "elude_export.fit",
-    "fit": "elude_export.fit",
-    "load_model": "elude_export.models",
+    "FitConfig": "elude_export.fitting.fit",
+    "fit": "elude_export.fitting.fit",
+    "load_model": "elude_export.models.loading",
     "Plan": "elude_export.plan",
     "load_plan": "elude_export.plan",
-    "apply_plan": "elude_export.rewrite",
-    "read_taps": "elude_export.rewrite",
-    "set_steers": "elude_export.rewrite",
-    "reset_steers": "elude_export.rewrite",
-    "export_onnx": "elude_export.onnx_export",
-    "validate_export": "elude_export.validate",
-    "write_triton_repository": "elude_export.triton",
-    "evaluate": "elude_export.evaluate",
+    "apply_plan": "elude_export.rewrite.modules",
+    "read_taps": "elude_export.rewrite.modules",
+    "set_steers": "elude_export.rewrite.modules",
+    "reset_steers": "elude_export.rewrite.modules",
+    "export_onnx": "elude_export.export.onnx_export",
+    "validate_export": "elude_export.export.validate",
+    "write_triton_repository": "elude_export.export.triton",
+    "evaluate": "elude_export.evidence.evaluate",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from elude_export.errors import PlanError
-from elude_export.models import InputSpec
+from elude_export.models.loading import InputSpec
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "elude-plan"

@@ -28,14 +28,14 @@ from torch import nn
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elude_export.images import normalize_images  # noqa: E402
-from elude_export.models import (  # noqa: E402
+from elude_export.models.batches import normalize_images  # noqa: E402
+from elude_export.models.loading import (  # noqa: E402
     EMBEDDED_ARCH,
     EMBEDDED_DIGITS_WEIGHTS,
     create_embedded_model,
     embedded_input_spec,
 )
-from elude_export.sources import open_source  # noqa: E402
+from elude_export.data.sources import open_source  # noqa: E402
 
 # the shared recipe pieces live in the sibling script (its folder is on sys.path when run)
 sys.path.insert(0, str(Path(__file__).resolve().parent))

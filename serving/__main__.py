@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from elude_export.cli.serve import serve_command
+from serving.cli import serve_command
 from elude_export.errors import EludeError
 
 

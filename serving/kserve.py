@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from elude_export.onnx_contract import INPUT_NAME
+from elude_export.export.contract import INPUT_NAME
 from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from serving.runtime import V2_DTYPES, ModelRuntime, v2_datatype
 

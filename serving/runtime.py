@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from elude_export.errors import ModelLoadError
-from elude_export.onnx_contract import INPUT_NAME, OnnxContract
+from elude_export.export.contract import INPUT_NAME, OnnxContract
 from serving.errors import BadRequest
 from serving.steering import InvalidSteering, UnknownSubunit, steer_vectors
 

@@ -13,7 +13,7 @@ from typing import Collection, Mapping
 
 import numpy as np
 
-from elude_export.onnx_contract import OnnxContract
+from elude_export.export.contract import OnnxContract
 
 
 class UnknownSubunit(ValueError):

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from elude_export.cli import main
-from elude_export.evaluate import (
+from elude_export.evidence.evaluate import (
     EvalConfig, RunningTopN, evaluate, mean_ci, paired_delta_ci, purity_entropy, random_split_plan,
     same_class_concept_mix, shuffled_subunit_max, weighted_coherence, write_json,
 )
-from elude_export.rewrite import apply_plan
-from elude_export.sources import open_source
+from elude_export.rewrite.modules import apply_plan
+from elude_export.data.sources import open_source
 from plan_factory import random_plan, small_fitted_plan
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elude_export.fit import FitConfig, fit
-from elude_export.models import load_model
-from elude_export.sources import open_source
+from elude_export.fitting.fit import FitConfig, fit
+from elude_export.models.loading import load_model
+from elude_export.data.sources import open_source
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_statistics_are_a_consistent_baseline(report) -> None:
 
 
 def test_low_rank_router_is_still_lossless(loaded, calib) -> None:
-    from elude_export.equality import check_rewrite
+    from elude_export.rewrite.equality import check_rewrite
 
     ranked = fit(loaded, calib, FitConfig(limit=256, top_m=64, router_rank=16, stats_images=64, layers=["blocks.2.mlp"]))
     layer = ranked.plan.layers[0]

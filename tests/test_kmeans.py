@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from elude_export.kmeans import select_k, spherical_kmeans
+from elude_export.fitting.kmeans import select_k, spherical_kmeans
 
 
 def _planted(units: int, points: int, dim: int, k: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,17 +14,17 @@ from click.testing import CliRunner
 
 from elude_export.cli import main
 from elude_export.errors import ExportError
-from elude_export.fit import FitConfig, fit
-from elude_export.models import (
+from elude_export.fitting.fit import FitConfig, fit
+from elude_export.models.loading import (
     EMBEDDED_WEIGHTS,
     LoadedModel,
     create_embedded_model,
     embedded_input_spec,
     load_model,
 )
-from elude_export.onnx_contract import read_contract, steer_input_name, tap_output_name
-from elude_export.onnx_export import export_onnx, parse_taps
-from elude_export.rewrite import (
+from elude_export.export.contract import read_contract, steer_input_name, tap_output_name
+from elude_export.export.onnx_export import export_onnx, parse_taps
+from elude_export.rewrite.modules import (
     apply_plan,
     configure_layer_taps,
     disentangled_layers,
@@ -32,7 +32,7 @@ from elude_export.rewrite import (
     reset_steers,
     set_steers,
 )
-from elude_export.sources import ArraySource, open_source
+from elude_export.data.sources import ArraySource, open_source
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -56,7 +56,7 @@ def embedded_model_and_plan(router: str = "context", rank: int | None = 16):
 
 
 def held_out_batch(loaded: LoadedModel, n: int) -> torch.Tensor:
-    from elude_export.images import normalize_images
+    from elude_export.models.batches import normalize_images
 
     if EMBEDDED_WEIGHTS.is_file() and loaded.name == "embedded":
         images = open_source("embedded:test").load(np.arange(n))
@@ -259,7 +259,7 @@ def test_external_data(setup, tmp_path):
 
 
 def test_failed_export_leaves_no_file(setup, tmp_path, monkeypatch):
-    import elude_export.onnx_export as onnx_export
+    import elude_export.export.onnx_export as onnx_export
 
     loaded, plan = setup
 
@@ -275,7 +275,7 @@ def test_failed_export_leaves_no_file(setup, tmp_path, monkeypatch):
 
 
 def test_dynamo_failure_falls_back_to_torchscript(setup, tmp_path, monkeypatch):
-    import elude_export.onnx_export as onnx_export
+    import elude_export.export.onnx_export as onnx_export
 
     loaded, plan = setup
     notes: list[str] = []

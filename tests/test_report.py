@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from elude_export.cli import main
-from elude_export.evaluate import EvalConfig, evaluate
-from elude_export.report import build_report, write_report
-from elude_export.sources import open_source
+from elude_export.evidence.evaluate import EvalConfig, evaluate
+from elude_export.evidence.report import build_report, write_report
+from elude_export.data.sources import open_source
 from plan_factory import small_fitted_plan
 
 LAYER = "blocks.3.mlp"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from elude_export.onnx_contract import read_contract
+from elude_export.export.contract import read_contract
 from serving.monitoring import FeatureMonitor, LayerWindow, bins_of, psi
 from serving_fixtures import build_fixture_model, running_server, sample_inputs
 

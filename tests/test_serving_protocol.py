@@ -202,6 +202,6 @@ def test_bearer_token(fixture_model):
 def test_server_modules_do_not_import_torch():
     code = ("import sys, serving.app, serving.server, serving.monitoring, serving.runtime, serving.kserve, "
             "serving.__main__; "
-            "print(sorted(m for m in ('torch', 'timm', 'elude_export.fit', 'elude_export.plan') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'timm', 'elude_export.fitting.fit', 'elude_export.plan') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

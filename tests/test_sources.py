@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from elude_export.errors import DataError
-from elude_export.images import normalize_images
-from elude_export.models import embedded_input_spec
-from elude_export.sources import digits_source, open_source
+from elude_export.models.batches import normalize_images
+from elude_export.models.loading import embedded_input_spec
+from elude_export.data.sources import digits_source, open_source
 
 
 def test_npz_with_labels_and_npy_layouts(tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ import pytest
 from google.protobuf import text_format
 
 from elude_export.errors import ExportError
-from elude_export.onnx_contract import read_contract, steer_input_name
-from elude_export.onnx_export import export_onnx
-from elude_export.triton import write_triton_repository
+from elude_export.export.contract import read_contract, steer_input_name
+from elude_export.export.onnx_export import export_onnx
+from elude_export.export.triton import write_triton_repository
 
 from test_onnx_export import embedded_model_and_plan
 

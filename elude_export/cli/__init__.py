@@ -36,12 +36,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from elude_export.cli import core, evidence, export, serve
+    from elude_export.cli import core, evidence, export
+    from serving.cli import serve_command
 
     for command in (
         core.fit_command, core.inspect_command, core.demo_command,
         export.export_command, export.validate_command,
-        serve.serve_command,
+        serve_command,
         evidence.evaluate_command, evidence.report_command, evidence.steer_command,
     ):
         main.add_command(command)

@@ -23,7 +23,7 @@ def _load(plan_path: Path, model: str | None, checkpoint, pretrained, img_size):
 
 
 def _source(spec: str, loaded, what: str):
-    from elude_export.sources import open_source
+    from elude_export.data.sources import open_source
 
     source = open_source(spec, (loaded.input_spec.height, loaded.input_spec.width))
     if source.labels is None:
@@ -68,8 +68,8 @@ def evaluation_options(command):
 
 def _evaluate(plan_path, model, checkpoint, pretrained, img_size, data, layer_patterns, top_n, limit, sae, sae_data,
               sae_k, sae_steps, bootstrap, batch_size, device, seed, json_out):
-    from elude_export.calibrate import resolve_device
-    from elude_export.evaluate import EvalConfig, check_layers, default_fit_data, evaluate, write_json
+    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.evidence.evaluate import EvalConfig, check_layers, default_fit_data, evaluate, write_json
 
     if json_out is not None and not json_out.parent.exists():
         raise DataError(f"output directory {json_out.parent} does not exist")
@@ -83,7 +83,7 @@ def _evaluate(plan_path, model, checkpoint, pretrained, img_size, data, layer_pa
         if fit_data is None:
             raise DataError(f"cannot tell which images the plan was fitted on for --data {data}: pass --sae-data "
                             "(the fit data) or --no-sae")
-        from elude_export.sources import open_source
+        from elude_export.data.sources import open_source
 
         sae_source = open_source(fit_data, (loaded.input_spec.height, loaded.input_spec.width))
     config = EvalConfig(top_n=top_n, layers=layers, batch_size=batch_size, limit=limit, bootstrap=bootstrap, seed=seed,
@@ -123,7 +123,7 @@ def evaluate_command(split_only, **options):
               help="Which split units: largest purity gain first, by index, or a random sample.")
 def report_command(output, layer, max_units, order, **options):
     """Write a static HTML report: summary plots and each split unit beside its sub-units' top images."""
-    from elude_export.report import build_report, write_report
+    from elude_export.evidence.report import build_report, write_report
 
     if output.is_dir() or not output.parent.exists():
         raise DataError(f"cannot write report to {output}: give a file in an existing directory")
@@ -156,9 +156,9 @@ def report_command(output, layer, max_units, order, **options):
 def steer_command(plan_path, subunit, scale, whole_unit, model, checkpoint, pretrained, img_size, data, limit,
                   batch_size, device, json_out):
     """Scale one sub-unit and show how class probabilities change where it is routed vs where its siblings are."""
-    from elude_export.calibrate import resolve_device
-    from elude_export.sources import open_source
-    from elude_export.steering import resolve_subunit, steer_effect
+    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.data.sources import open_source
+    from elude_export.evidence.steering import resolve_subunit, steer_effect
 
     if json_out is not None and not json_out.parent.exists():
         raise DataError(f"output directory {json_out.parent} does not exist")

@@ -50,8 +50,8 @@ def _load(model, checkpoint, pretrained, img_size, plan_path):
 def export_command(model, checkpoint, pretrained, img_size, plan_path, output, taps, steer, mode, router_kind, opset,
                    exporter, triton_repo, triton_backend, triton_name, max_batch_size, triton_instance):
     """Export MODEL rewritten by a plan to ONNX, with named tap outputs and steer inputs."""
-    from elude_export.onnx_export import export_onnx
-    from elude_export.triton import write_triton_repository
+    from elude_export.export.onnx_export import export_onnx
+    from elude_export.export.triton import write_triton_repository
 
     loaded, plan = _load(model, checkpoint, pretrained, img_size, plan_path)
     if output is None and triton_repo is None:
@@ -79,7 +79,7 @@ def export_command(model, checkpoint, pretrained, img_size, plan_path, output, t
 
 
 def _describe(path: Path) -> None:
-    from elude_export.onnx_contract import read_contract
+    from elude_export.export.contract import read_contract
 
     contract = read_contract(path)
     click.echo(f"  outputs: {', '.join(contract.outputs + [tap.output for tap in contract.taps])}")
@@ -108,8 +108,8 @@ def _describe(path: Path) -> None:
 def validate_command(model, checkpoint, pretrained, img_size, plan_path, onnx_path, data, n_images, n_random,
                      batch_size, provider, atol, rtol, report_path, no_steering):
     """Compare an exported ONNX model under onnxruntime with the PyTorch model, output by output."""
-    from elude_export.sources import open_source
-    from elude_export.validate import validate_export
+    from elude_export.data.sources import open_source
+    from elude_export.export.validate import validate_export
 
     loaded, plan = _load(model, checkpoint, pretrained, img_size, plan_path)
     if report_path is not None and not report_path.parent.exists():

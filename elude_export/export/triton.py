@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elude_export.errors import ExportError
-from elude_export.onnx_contract import read_contract
+from elude_export.export.contract import read_contract
 
 BACKENDS = ("onnxruntime", "python")
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from elude_export.errors import DataError
-from elude_export.images import normalize_images
-from elude_export.layers import NeuronLayer
-from elude_export.models import InputSpec
-from elude_export.sources import ImageSource
+from elude_export.models.batches import normalize_images
+from elude_export.layers.adapters import NeuronLayer
+from elude_export.models.loading import InputSpec
+from elude_export.data.sources import ImageSource
 
 ROUTERS = ("context", "token")
 

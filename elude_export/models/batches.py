@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from elude_export.errors import DataError
-from elude_export.models import InputSpec
+from elude_export.models.loading import InputSpec
 
 
 def normalize_images(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:

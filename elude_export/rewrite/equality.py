@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from elude_export.calibrate import model_batches
+from elude_export.fitting.calibrate import model_batches
 from elude_export.compare import Comparison, compare
-from elude_export.models import LoadedModel
+from elude_export.models.loading import LoadedModel
 from elude_export.plan import Plan
-from elude_export.rewrite import apply_plan
-from elude_export.sources import ImageSource
+from elude_export.rewrite.modules import apply_plan
+from elude_export.data.sources import ImageSource
 
 # fused with steers at 1 must be bitwise equal; explicit re-associates fc2's sum
 MODE_TOLERANCE = {"fused": (0.0, 0.0), "explicit": (1e-5, 1e-5)}

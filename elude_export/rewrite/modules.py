@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from elude_export.errors import PlanError
-from elude_export.layers import describe_layer
-from elude_export.models import fingerprint_model
+from elude_export.layers.adapters import describe_layer
+from elude_export.models.loading import fingerprint_model
 from elude_export.plan import LayerPlan, Plan, parse_subunit_name
 
 MODES = ("fused", "explicit")

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from elude_export.calibrate import model_batches
+from elude_export.fitting.calibrate import model_batches
 from elude_export.errors import DataError, PlanError
-from elude_export.models import LoadedModel
+from elude_export.models.loading import LoadedModel
 from elude_export.plan import Plan, parse_subunit_name, subunit_name
-from elude_export.rewrite import apply_plan, disentangled_layers, reset_steers, set_steers
-from elude_export.sources import ImageSource
+from elude_export.rewrite.modules import apply_plan, disentangled_layers, reset_steers, set_steers
+from elude_export.data.sources import ImageSource
 
 
 @dataclass

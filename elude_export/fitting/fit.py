@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from elude_export.calibrate import LayerActivations, collect_activations, context_token_of, model_batches
+from elude_export.fitting.calibrate import LayerActivations, collect_activations, context_token_of, model_batches
 from elude_export.errors import DataError
-from elude_export.kmeans import select_k
-from elude_export.layers import NeuronLayer, find_layers
-from elude_export.models import LoadedModel, fingerprint_model
+from elude_export.fitting.kmeans import select_k
+from elude_export.layers.adapters import NeuronLayer, find_layers
+from elude_export.models.loading import LoadedModel, fingerprint_model
 from elude_export.plan import LayerPlan, Plan
-from elude_export.rewrite import apply_plan, disentangled_layers
-from elude_export.sources import ImageSource
+from elude_export.rewrite.modules import apply_plan, disentangled_layers
+from elude_export.data.sources import ImageSource
 
 QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from elude_export.errors import ModelLoadError
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_WEIGHTS = DATA_DIR / "embedded_vit.safetensors"
 EMBEDDED_CARD = DATA_DIR / "embedded_vit.json"

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from elude_export.errors import DataError
-from elude_export.evaluate import ColumnSet, EvalResult, LayerEvaluation
-from elude_export.images import normalize_images
-from elude_export.models import LoadedModel
+from elude_export.evidence.evaluate import ColumnSet, EvalResult, LayerEvaluation
+from elude_export.models.batches import normalize_images
+from elude_export.models.loading import LoadedModel
 from elude_export.plan import Plan
-from elude_export.rewrite import apply_plan, disentangled_layers
-from elude_export.sources import ImageSource
+from elude_export.rewrite.modules import apply_plan, disentangled_layers
+from elude_export.data.sources import ImageSource
 
 ORDERS = ("gain", "index", "random")
 PURITY_COLORS = {"units": "#4c72b0", "elude": "#dd8452", "random": "#8c8c8c", "shuffle": "#c4c4c4", "sae": "#55a868"}

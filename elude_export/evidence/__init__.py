@@ -1,0 +1,1 @@
+"""Evidence stage: does disentangling help? Metrics, baselines and controls, report, steering."""

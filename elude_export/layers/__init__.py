@@ -1,0 +1,1 @@
+"""Neuron layers: which modules ELUDe rewrites, recognised by registered adapters."""
