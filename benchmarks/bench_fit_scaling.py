@@ -47,9 +47,9 @@ def _rss_mb() -> float:
 
 def worker(args: argparse.Namespace) -> dict:
     """One fit on `args.worker` images; returns timings and peak memory."""
-    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.models import resolve_device
     from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.models.loading import load_model
+    from elude_export.models import load_model
     from elude_export.data.sources import open_source
 
     torch.set_num_threads(args.threads)

@@ -26,10 +26,12 @@ import torch
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elude_export.fitting.calibrate import collect_activations, resolve_device  # noqa: E402
-from elude_export.fitting.fit import FitConfig, fit_layer  # noqa: E402
-from elude_export.layers.adapters import find_layers  # noqa: E402
-from elude_export.models.loading import load_model  # noqa: E402
+from elude_export.fitting.calibrate import collect_activations  # noqa: E402
+from elude_export.models import resolve_device  # noqa: E402
+from elude_export.fitting.fit import FitConfig  # noqa: E402
+from elude_export.fitting.routers import fit_layer  # noqa: E402
+from elude_export.layers import find_layers  # noqa: E402
+from elude_export.models import load_model  # noqa: E402
 from elude_export.evidence.sae import SAEConfig, collect_hidden_tokens, train_sae  # noqa: E402
 from elude_export.data.sources import open_source  # noqa: E402
 

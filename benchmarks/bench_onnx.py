@@ -48,7 +48,7 @@ VARIANTS = [
 def load_and_fit(name: str, n_images: int, router: str, log) -> tuple:
     """(loaded model, plan): the embedded model as shipped, or a random-weight timm model."""
     from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.models.loading import EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec, load_model
+    from elude_export.models import EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec, load_model
     from elude_export.data.sources import ArraySource, open_source
 
     torch.manual_seed(0)

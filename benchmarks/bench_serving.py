@@ -53,7 +53,7 @@ def cpu_seconds(pid: int | None = None) -> float:
 def build_embedded(out: Path, checkpoint: Path | None = None) -> tuple[Path, str]:
     """Export the embedded ViT (trained weights when bundled, else the same architecture untrained)."""
     from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.models.loading import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec,
+    from elude_export.models import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model, embedded_input_spec,
                                      load_model)
     from elude_export.export.onnx_export import export_onnx
     from elude_export.data.sources import open_source

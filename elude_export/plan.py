@@ -11,35 +11,20 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from elude_export.artifacts import check_output_path, write_file_atomic
 from elude_export.errors import PlanError
-from elude_export.models.loading import InputSpec
+from elude_export.models.spec import InputSpec
+from elude_export.vocabulary import subunit_name
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "elude-plan"
 STAT_NAMES = ("threshold", "fire_rate", "mean", "quantiles", "bin_fraction")
-
-
-def subunit_name(path: str, unit: int, sub: int, width: int = 4) -> str:
-    """Stable sub-unit name, e.g. `blocks.11.mlp/0042.1`."""
-    return f"{path}/{unit:0{width}d}.{sub}"
-
-
-def parse_subunit_name(name: str) -> tuple[str, int, int]:
-    """Inverse of `subunit_name`: (layer path, unit, sub-unit)."""
-    try:
-        path, rest = name.rsplit("/", 1)
-        unit, sub = rest.split(".")
-        return path, int(unit), int(sub)
-    except ValueError as exc:
-        raise PlanError(f"'{name}' is not a sub-unit name (expected '<layer>/<unit>.<sub>')") from exc
 
 
 @dataclass
@@ -89,9 +74,8 @@ class LayerPlan:
         return parent, sub
 
     def subunit_names(self) -> list[str]:
-        width = max(4, len(str(self.n_units - 1)))
         parent, sub = self.columns()
-        return [subunit_name(self.path, int(u), int(s), width) for u, s in zip(parent.tolist(), sub.tolist())]
+        return [subunit_name(self.path, u, s, self.n_units) for u, s in zip(parent.tolist(), sub.tolist())]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {
@@ -170,28 +154,12 @@ class Plan:
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.is_dir():
-            raise PlanError(f"plan output {path} is a directory; give a file name such as plan.safetensors")
-        if not path.parent.exists():
-            raise PlanError(f"output directory {path.parent} does not exist")
+        check_output_path(path, PlanError, "plan.safetensors")
         tensors: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             tensors.update({k: v.detach().cpu().contiguous() for k, v in layer.tensors().items()})
         metadata = {"manifest": json.dumps(self.manifest()), "fingerprint": self.fingerprint()}
-        try:
-            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(handle)
-        except OSError as exc:
-            raise PlanError(f"cannot write plan to {path}: {exc.strerror}") from exc
-        try:
-            save_file(tensors, temp, metadata=metadata)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a plan is shared like any artifact
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_file_atomic(path, lambda temp: save_file(tensors, str(temp), metadata=metadata), PlanError)
         return path
 
 

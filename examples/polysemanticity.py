@@ -25,8 +25,8 @@ if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elude_export.data.concepts import COLOURS, N_CLASSES, N_CONCEPTS, SHAPES, ConceptSet, load_split  # noqa: E402
-from elude_export.models.batches import normalize_images  # noqa: E402
-from elude_export.models.loading import create_embedded_model, embedded_input_spec, load_checkpoint_into  # noqa: E402
+from elude_export.models import normalize_images  # noqa: E402
+from elude_export.models import create_embedded_model, embedded_input_spec, load_checkpoint_into  # noqa: E402
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from torch import nn
 if __package__ in (None, "") and str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elude_export.models.batches import normalize_images  # noqa: E402
-from elude_export.models.loading import (  # noqa: E402
+from elude_export.models import normalize_images  # noqa: E402
+from elude_export.models import (  # noqa: E402
     EMBEDDED_ARCH,
     EMBEDDED_DIGITS_WEIGHTS,
     create_embedded_model,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elude_export.fitting.calibrate import context_token_of
-from elude_export.layers.adapters import find_layers
-from elude_export.models.loading import InputSpec, fingerprint_model
+from elude_export.layers import context_token_of
+from elude_export.layers import find_layers
+from elude_export.models import InputSpec, fingerprint_model
 from elude_export.plan import LayerPlan, Plan
 
 
@@ -31,7 +31,7 @@ def random_plan(model: nn.Module, spec: InputSpec, router: str = "context", k_ma
 def small_fitted_plan(seed: int, layer: str, k_max: int):
     """An untrained embedded ViT (fixed seed) and a plan fitted on 160 calibration images of one layer."""
     from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.models.loading import LoadedModel, create_embedded_model, embedded_input_spec
+    from elude_export.models import LoadedModel, create_embedded_model, embedded_input_spec
     from elude_export.data.sources import open_source
 
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from elude_export.cli import main
-from elude_export.models.loading import create_embedded_model
+from elude_export.models import create_embedded_model
 from elude_export.plan import load_plan
 
 

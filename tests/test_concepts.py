@@ -96,8 +96,8 @@ def test_split_is_cached_and_independent_of_other_splits() -> None:
 
 
 def test_committed_checkpoint_solves_the_test_split() -> None:
-    from elude_export.models.batches import normalize_images
-    from elude_export.models.loading import EMBEDDED_WEIGHTS, create_embedded_model, embedded_input_spec
+    from elude_export.models import normalize_images
+    from elude_export.models import EMBEDDED_WEIGHTS, create_embedded_model, embedded_input_spec
 
     assert EMBEDDED_WEIGHTS.is_file(), "run examples/train_embedded.py to create the embedded checkpoint"
     model = create_embedded_model()

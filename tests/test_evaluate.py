@@ -15,7 +15,7 @@ from elude_export.evidence.evaluate import (
     EvalConfig, RunningTopN, evaluate, mean_ci, paired_delta_ci, purity_entropy, random_split_plan,
     same_class_concept_mix, shuffled_subunit_max, weighted_coherence, write_json,
 )
-from elude_export.rewrite.modules import apply_plan
+from elude_export.rewrite import apply_plan
 from elude_export.data.sources import open_source
 from plan_factory import random_plan, small_fitted_plan
 

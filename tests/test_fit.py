@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elude_export.fitting.fit import FitConfig, fit
-from elude_export.models.loading import load_model
+from elude_export.models import load_model
 from elude_export.data.sources import open_source
 
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from elude_export.errors import LayerMatchError
-from elude_export.layers.adapters import find_layers
-from elude_export.models.loading import create_embedded_model
+from elude_export.layers import find_layers
+from elude_export.models import create_embedded_model
 
 
 class Custom(nn.Module):

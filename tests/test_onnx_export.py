@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from elude_export.cli import main
 from elude_export.errors import ExportError
 from elude_export.fitting.fit import FitConfig, fit
-from elude_export.models.loading import (
+from elude_export.models import (
     EMBEDDED_WEIGHTS,
     LoadedModel,
     create_embedded_model,
@@ -24,7 +24,7 @@ from elude_export.models.loading import (
 )
 from elude_export.export.contract import read_contract, steer_input_name, tap_output_name
 from elude_export.export.onnx_export import export_onnx, parse_taps
-from elude_export.rewrite.modules import (
+from elude_export.rewrite import (
     apply_plan,
     configure_layer_taps,
     disentangled_layers,
@@ -56,7 +56,7 @@ def embedded_model_and_plan(router: str = "context", rank: int | None = 16):
 
 
 def held_out_batch(loaded: LoadedModel, n: int) -> torch.Tensor:
-    from elude_export.models.batches import normalize_images
+    from elude_export.models import normalize_images
 
     if EMBEDDED_WEIGHTS.is_file() and loaded.name == "embedded":
         images = open_source("embedded:test").load(np.arange(n))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from elude_export.errors import PlanError
-from elude_export.models.loading import create_embedded_model, embedded_input_spec
-from elude_export.plan import SCHEMA_VERSION, load_plan, parse_subunit_name, read_manifest
+from elude_export.models import create_embedded_model, embedded_input_spec
+from elude_export.plan import SCHEMA_VERSION, load_plan, read_manifest
+from elude_export.vocabulary import parse_subunit_name
 from plan_factory import random_plan
 
 

@@ -10,8 +10,8 @@ import torch
 from timm.layers import GluMlp, SwiGLU
 
 from elude_export.errors import PlanError
-from elude_export.models.loading import InputSpec, create_embedded_model, embedded_input_spec
-from elude_export.rewrite.modules import apply_plan, disentangled_layers, read_taps, reset_steers, set_steers
+from elude_export.models import InputSpec, create_embedded_model, embedded_input_spec
+from elude_export.rewrite import apply_plan, disentangled_layers, read_taps, reset_steers, set_steers
 from plan_factory import random_plan
 
 

@@ -19,8 +19,8 @@ tritonclient = pytest.importorskip("tritonclient.http")
 onnx_export = pytest.importorskip("elude_export.export.onnx_export", reason="the ONNX exporter is not there yet")
 
 from elude_export.fitting.fit import FitConfig, fit  # noqa: E402
-from elude_export.models.batches import normalize_images  # noqa: E402
-from elude_export.models.loading import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model,  # noqa: E402
+from elude_export.models import normalize_images  # noqa: E402
+from elude_export.models import (EMBEDDED_WEIGHTS, LoadedModel, create_embedded_model,  # noqa: E402
                                  embedded_input_spec, load_model)
 from elude_export.data.sources import open_source  # noqa: E402
 from serving_fixtures import running_server  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from elude_export.errors import DataError
-from elude_export.models.batches import normalize_images
-from elude_export.models.loading import embedded_input_spec
+from elude_export.models import normalize_images
+from elude_export.models import embedded_input_spec
 from elude_export.data.sources import digits_source, open_source
 
 

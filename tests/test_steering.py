@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from elude_export.cli import main
 from elude_export.errors import PlanError
-from elude_export.rewrite.modules import apply_plan, disentangled_layers, reset_steers, set_steers
+from elude_export.rewrite import apply_plan, disentangled_layers, reset_steers, set_steers
 from elude_export.data.sources import open_source
 from plan_factory import small_fitted_plan
 from elude_export.evidence.steering import resolve_subunit, steer_effect
@@ -65,7 +65,7 @@ def test_ablating_a_subunit_changes_outputs_only_where_it_is_routed(steer_run):
 
 
 def _batches(source, loaded):
-    from elude_export.fitting.calibrate import model_batches
+    from elude_export.models import model_batches
 
     return model_batches(source, loaded.input_spec, 32, torch.device("cpu"), torch.float32)
 

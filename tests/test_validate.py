@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from elude_export.cli import main
 from elude_export.errors import ValidationError
-from elude_export.models.loading import EMBEDDED_WEIGHTS
+from elude_export.models import EMBEDDED_WEIGHTS
 from elude_export.export.onnx_export import export_onnx
 from elude_export.data.sources import ArraySource, open_source
 from elude_export.export.validate import session_providers, validate_export
@@ -131,7 +131,7 @@ def test_cuda_provider_validates(setup):
 def test_near_tie_routes_are_found_and_only_they_are_left_out(setup):
     """Two identical routing rows make a unit's route a tie on every image; nothing else is a tie."""
     from elude_export.export.contract import read_contract
-    from elude_export.rewrite.modules import apply_plan, disentangled_layers
+    from elude_export.rewrite import apply_plan, disentangled_layers
     from elude_export.export.validate import _without_ties, route_ties
 
     loaded, plan, path, _ = setup

@@ -25,7 +25,7 @@ def model_options(command):
 
 
 def load_model_from_options(model: str, checkpoint: Path | None, pretrained: bool, img_size: int | None):
-    from elude_export.models.loading import load_model
+    from elude_export.models import load_model
 
     kwargs = {"img_size": img_size} if img_size else None
     return load_model(model, checkpoint=checkpoint, pretrained=pretrained, model_kwargs=kwargs)
@@ -67,7 +67,7 @@ def split_patterns(values: tuple[str, ...]) -> list[str] | None:
 def fit_command(model, checkpoint, pretrained, img_size, data, limit, layer_patterns, router, top_m, per_image_cap,
                 k_max, k_rule, min_gain, router_rank, batch_size, device, seed, output, quiet):
     """Fit a plan: calibrate MODEL on unlabelled images and split its neurons into sub-units."""
-    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.models import resolve_device
     from elude_export.fitting.fit import FitConfig, fit
     from elude_export.data.sources import open_source
 
@@ -129,11 +129,11 @@ def demo_command(out_dir, device, check_images, sae, quiet):
     fit -> plan -> lossless rewrite check -> ONNX export -> onnxruntime validation ->
     interpretability evaluation (units vs sub-units vs random-split control) on held-out images.
     """
-    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.models import resolve_device
     from elude_export.rewrite.equality import check_rewrite
     from elude_export.evidence.evaluate import EvalConfig, evaluate
     from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.models.loading import load_model
+    from elude_export.models import load_model
     from elude_export.export.onnx_export import export_onnx
     from elude_export.data.sources import open_source
     from elude_export.export.validate import validate_export

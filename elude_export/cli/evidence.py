@@ -68,7 +68,7 @@ def evaluation_options(command):
 
 def _evaluate(plan_path, model, checkpoint, pretrained, img_size, data, layer_patterns, top_n, limit, sae, sae_data,
               sae_k, sae_steps, bootstrap, batch_size, device, seed, json_out):
-    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.models import resolve_device
     from elude_export.evidence.evaluate import EvalConfig, check_layers, default_fit_data, evaluate, write_json
 
     if json_out is not None and not json_out.parent.exists():
@@ -156,7 +156,7 @@ def report_command(output, layer, max_units, order, **options):
 def steer_command(plan_path, subunit, scale, whole_unit, model, checkpoint, pretrained, img_size, data, limit,
                   batch_size, device, json_out):
     """Scale one sub-unit and show how class probabilities change where it is routed vs where its siblings are."""
-    from elude_export.fitting.calibrate import resolve_device
+    from elude_export.models import resolve_device
     from elude_export.data.sources import open_source
     from elude_export.evidence.steering import resolve_subunit, steer_effect
 

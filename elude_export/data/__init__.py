@@ -1,7 +1,7 @@
 """The embedded default: a concept dataset with known ground truth and the ViT trained on it.
 
 `embedded_vit.safetensors` / `embedded_vit.json` (the checkpoint and its model card) are
-produced by `examples/train_embedded.py`; `elude_export.models.loading` loads them.
+produced by `examples/train_embedded.py`; `elude_export.models` loads them.
 """
 
 from elude_export.data.concepts import (

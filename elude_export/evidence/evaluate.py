@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elude_export.fitting.calibrate import model_batches
+from elude_export.models import model_batches
 from elude_export.errors import DataError, PlanError
-from elude_export.layers.adapters import find_layers
-from elude_export.models.loading import LoadedModel
+from elude_export.layers import find_layers
+from elude_export.models import LoadedModel
 from elude_export.plan import LayerPlan, Plan
-from elude_export.rewrite.modules import apply_plan, disentangled_layers
+from elude_export.rewrite import apply_plan, disentangled_layers
 from elude_export.evidence.sae import SAEConfig, SAEHistory, TopKSAE, collect_hidden_tokens, train_sae
 from elude_export.data.sources import ImageSource
 

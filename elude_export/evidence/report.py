@@ -23,10 +23,10 @@ from torch import nn
 
 from elude_export.errors import DataError
 from elude_export.evidence.evaluate import ColumnSet, EvalResult, LayerEvaluation
-from elude_export.models.batches import normalize_images
-from elude_export.models.loading import LoadedModel
+from elude_export.models import normalize_images
+from elude_export.models import LoadedModel
 from elude_export.plan import Plan
-from elude_export.rewrite.modules import apply_plan, disentangled_layers
+from elude_export.rewrite import apply_plan, disentangled_layers
 from elude_export.data.sources import ImageSource
 
 ORDERS = ("gain", "index", "random")

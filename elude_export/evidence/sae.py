@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elude_export.fitting.calibrate import model_batches
+from elude_export.models import model_batches
 from elude_export.errors import DataError
-from elude_export.layers.adapters import NeuronLayer
-from elude_export.models.loading import InputSpec
+from elude_export.layers import NeuronLayer
+from elude_export.models import InputSpec
 from elude_export.data.sources import ImageSource
 
 

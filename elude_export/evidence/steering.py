@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from elude_export.fitting.calibrate import model_batches
+from elude_export.models import model_batches
 from elude_export.errors import DataError, PlanError
-from elude_export.models.loading import LoadedModel
-from elude_export.plan import Plan, parse_subunit_name, subunit_name
-from elude_export.rewrite.modules import apply_plan, disentangled_layers, reset_steers, set_steers
+from elude_export.models import LoadedModel
+from elude_export.plan import Plan
+from elude_export.vocabulary import IMAGE_POOLING, parse_subunit_name, subunit_name
+from elude_export.rewrite import apply_plan, disentangled_layers, reset_steers, set_steers
 from elude_export.data.sources import ImageSource
 
 
@@ -79,8 +80,7 @@ def resolve_subunit(plan: Plan, name: str, whole_unit: bool = False) -> tuple[st
     k = int(layer.k[unit])
     if not 0 <= sub < k:
         raise PlanError(f"unknown sub-unit '{name}': unit {unit} has {k} sub-unit(s) (0..{k - 1})")
-    width = max(4, len(str(layer.n_units - 1)))
-    names = [subunit_name(path, unit, s, width) for s in range(k)]
+    names = [subunit_name(path, unit, s, layer.n_units) for s in range(k)]
     target = names[sub]
     siblings = [n for n in names if n != target]
     return path, unit, sub, names if whole_unit else [target], siblings
@@ -95,7 +95,7 @@ def steer_effect(
     device = torch.device(device)
     path, unit, sub, steered, siblings = resolve_subunit(plan, subunit, whole_unit)
     target = subunit if not whole_unit else steered[sub]
-    model = apply_plan(loaded.model.eval(), plan, layers=[path], poolings=("max",)).to(device)
+    model = apply_plan(loaded.model.eval(), plan, layers=[path], poolings=(IMAGE_POOLING,)).to(device)
     layer = disentangled_layers(model)[path]
     column = int(layer.consumer.offsets[unit]) + sub
     routes: list[torch.Tensor] = []
@@ -110,7 +110,7 @@ def steer_effect(
             route = routes[-1]
             routed = (route == sub) if route.ndim == 1 else (route == sub).any(1)
             collected["routed"].append(routed.cpu())
-            collected["fires"].append((layer.taps["max"][:, column] > 0).cpu())
+            collected["fires"].append((layer.taps[IMAGE_POOLING][:, column] > 0).cpu())
             set_steers(model, {name: scale for name in steered})
             collected["steered"].append(model(batch).float().cpu())
             collected["base"].append(base.float().cpu())

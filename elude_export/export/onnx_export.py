@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from elude_export.errors import EludeError, ExportError
-from elude_export.models.loading import LoadedModel
+from elude_export.models import LoadedModel
 from elude_export.export.contract import (
     INPUT_NAME,
     LayerBaseline,
@@ -44,7 +44,7 @@ from elude_export.export.contract import (
     tap_output_name,
 )
 from elude_export.plan import STAT_NAMES, Plan
-from elude_export.rewrite.modules import POOLINGS, apply_plan, configure_layer_taps, disentangled_layers
+from elude_export.rewrite import POOLINGS, apply_plan, configure_layer_taps, disentangled_layers
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("auto", "dynamo", "torchscript")

@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from elude_export.fitting.calibrate import model_batches
+from elude_export.models import model_batches
 from elude_export.compare import Comparison, compare
 from elude_export.errors import ValidationError
-from elude_export.models.loading import LoadedModel, fingerprint_model
+from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.export.contract import INPUT_NAME, OnnxContract, read_contract
 from elude_export.plan import Plan
-from elude_export.rewrite.modules import apply_plan, configure_layer_taps, disentangled_layers, read_taps, set_steers
+from elude_export.rewrite import apply_plan, configure_layer_taps, disentangled_layers, read_taps, set_steers
 from elude_export.data.sources import ImageSource
 
 TOLERANCES = {"CPUExecutionProvider": (1e-5, 1e-4), "CUDAExecutionProvider": (1e-4, 1e-3)}
@@ -321,7 +321,7 @@ def _check_steering(report: ValidationReport, contract: OnnxContract, rewritten:
                     batches: list[torch.Tensor], expected: list[str], unsteered: np.ndarray,
                     ties: dict[str, np.ndarray], classifier: bool) -> None:
     """Zero one sub-unit's steer in PyTorch (`set_steers`) and in the graph (its steer input)."""
-    from elude_export.rewrite.modules import reset_steers
+    from elude_export.rewrite import reset_steers
 
     candidates = _pick_steer_target(contract)
     if not candidates:

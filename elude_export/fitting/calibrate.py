@@ -13,19 +13,15 @@ descriptor each kept activation will be clustered by, never all tokens of all im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 import torch
 from torch import nn
 
 from elude_export.errors import DataError
-from elude_export.models.batches import normalize_images
-from elude_export.layers.adapters import NeuronLayer
-from elude_export.models.loading import InputSpec
 from elude_export.data.sources import ImageSource
-
-ROUTERS = ("context", "token")
+from elude_export.layers import NeuronLayer, context_token_of, context_vector
+from elude_export.models import InputSpec, model_batches
+from elude_export.vocabulary import ROUTERS
 
 
 @dataclass
@@ -45,36 +41,6 @@ class LayerActivations:
             return self.descriptors[:, units].transpose(0, 1)
         assert self.contexts is not None
         return self.contexts[self.top_images[:, units].transpose(0, 1)]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda requested but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise DataError(f"unknown device '{device}' (use auto, cpu or cuda)")
-    return torch.device(device)
-
-
-def context_token_of(model: nn.Module) -> str:
-    """'cls' when the model prepends a class token at index 0, else 'mean'."""
-    return "cls" if getattr(model, "cls_token", None) is not None else "mean"
-
-
-def model_batches(
-    source: ImageSource, spec: InputSpec, batch_size: int, device: torch.device, dtype: torch.dtype,
-    limit: int | None = None, progress: bool = False, description: str = "",
-) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """(image indices, normalised input batch on device) in source order, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    total = len(source) if limit is None else min(len(source), limit)
-    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
-    for indices, images in source.batches(batch_size, limit):
-        yield indices, normalize_images(images, spec).to(device=device, dtype=dtype)
-        bar.update(len(indices))
-    bar.close()
 
 
 class _TopMStream:
@@ -107,7 +73,7 @@ class _TopMStream:
         x, h = x.detach().float(), h.detach().float()
         score = h.abs() if self.layer.signed else h
         if self.router == "context":
-            context = x[:, 0] if self.context_token == "cls" else x.mean(1)
+            context = context_vector(x, self.context_token)
             self.contexts.append(context.cpu())
             values = score.max(1).values  # (B, H)
             images = self.batch_images[:, None].expand_as(values)

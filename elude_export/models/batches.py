@@ -1,12 +1,15 @@
-"""Turn uint8 images into the float tensors a model expects (one place for preprocessing)."""
+"""Images to model inputs: the one place for preprocessing, and streaming a source to a device."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from elude_export.errors import DataError
-from elude_export.models.loading import InputSpec
+from elude_export.data.sources import ImageSource
+from elude_export.models.spec import InputSpec
 
 
 def normalize_images(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torch.Tensor:
@@ -29,3 +32,18 @@ def normalize_images(images: np.ndarray | torch.Tensor, spec: InputSpec) -> torc
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
     return ((scaled - mean) / std).contiguous()
+
+
+def model_batches(
+    source: ImageSource, spec: InputSpec, batch_size: int, device: torch.device, dtype: torch.dtype,
+    limit: int | None = None, progress: bool = False, description: str = "",
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(image indices, normalised input batch on device) in source order, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    total = len(source) if limit is None else min(len(source), limit)
+    bar = tqdm(total=total, desc=description, unit="img", disable=not progress, leave=False)
+    for indices, images in source.batches(batch_size, limit):
+        yield indices, normalize_images(images, spec).to(device=device, dtype=dtype)
+        bar.update(len(indices))
+    bar.close()

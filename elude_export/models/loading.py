@@ -6,9 +6,7 @@ trained on its own concept dataset (`EMBEDDED_MODEL`); everything else goes thro
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +14,11 @@ import torch
 from torch import nn
 
 from elude_export.errors import ModelLoadError
+from elude_export.models.spec import InputSpec
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_WEIGHTS = DATA_DIR / "embedded_vit.safetensors"
-EMBEDDED_CARD = DATA_DIR / "embedded_vit.json"
 # a second bundled model, trained on scikit-learn's digits (upsampled to 32x32 RGB), 10 classes
 EMBEDDED_DIGITS_MODEL = "embedded-digits"
 EMBEDDED_DIGITS_WEIGHTS = DATA_DIR / "digits_vit.safetensors"
@@ -38,31 +36,6 @@ EMBEDDED_ARCH: dict[str, Any] = dict(
 )
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
 EMBEDDED_STD = (0.25, 0.25, 0.25)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How images must be prepared for the model: carried into plans and ONNX metadata."""
-
-    channels: int
-    height: int
-    width: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "InputSpec":
-        raw = json.loads(text)
-        return cls(
-            channels=int(raw["channels"]),
-            height=int(raw["height"]),
-            width=int(raw["width"]),
-            mean=tuple(float(v) for v in raw["mean"]),
-            std=tuple(float(v) for v in raw["std"]),
-        )
 
 
 @dataclass
@@ -167,14 +140,3 @@ def load_model(
         size = int(model_kwargs["img_size"])
         spec = InputSpec(spec.channels, size, size, spec.mean, spec.std)
     return LoadedModel(model.eval(), name, spec, int(getattr(model, "num_classes", 0) or 0))
-
-
-def fingerprint_model(model: nn.Module) -> str:
-    """sha256 over parameter/buffer names, shapes, dtypes and bytes: identifies the weights a plan fits."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

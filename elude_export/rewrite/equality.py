@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from elude_export.fitting.calibrate import model_batches
+from elude_export.models import model_batches
 from elude_export.compare import Comparison, compare
-from elude_export.models.loading import LoadedModel
+from elude_export.models import LoadedModel
 from elude_export.plan import Plan
-from elude_export.rewrite.modules import apply_plan
+from elude_export.rewrite import apply_plan
 from elude_export.data.sources import ImageSource
 
 # fused with steers at 1 must be bitwise equal; explicit re-associates fc2's sum

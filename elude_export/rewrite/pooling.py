@@ -1,0 +1,19 @@
+"""Column selection and token pooling, written so that they export to single cheap ONNX ops."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_columns(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values[..., index]: index_select exports to one ONNX Gather (advanced indexing to GatherND)."""
+    return torch.index_select(values, -1, index)
+
+
+def pool_tokens(values: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, N, X) -> (B, X) over tokens."""
+    if pooling == "max":
+        return values.amax(1)
+    if pooling == "mean":
+        return values.mean(1)
+    return values[:, 0]
