@@ -32,7 +32,7 @@ from elude_export.fitting.fit import FitConfig  # noqa: E402
 from elude_export.fitting.routers import fit_layer  # noqa: E402
 from elude_export.layers import find_layers  # noqa: E402
 from elude_export.models import load_model  # noqa: E402
-from elude_export.evidence.sae import SAEConfig, collect_hidden_tokens, train_sae  # noqa: E402
+from elude_export.evidence.baselines.sae_model import SAEConfig, collect_hidden_tokens, train_sae  # noqa: E402
 from elude_export.data.sources import open_source  # noqa: E402
 
 

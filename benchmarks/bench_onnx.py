@@ -75,6 +75,7 @@ def load_and_fit(name: str, n_images: int, router: str, log) -> tuple:
 
 def export_variants(loaded, plan, variants: list[Variant], folder: Path, log) -> dict[str, Path]:
     from elude_export.export.onnx_export import export_onnx, export_reference_onnx
+    from elude_export.export.options import ExportOptions
 
     middle = plan.layers[len(plan.layers) // 2].path
     paths = {"original": export_reference_onnx(loaded, folder / "original.onnx")}
@@ -82,7 +83,8 @@ def export_variants(loaded, plan, variants: list[Variant], folder: Path, log) ->
         taps = {"one": f"{middle}:max", "all": "all:max", "all3": "all:max,mean,cls"}[variant.taps]
         started = time.perf_counter()
         paths[variant.label] = export_onnx(loaded, plan, folder / f"variant{number}.onnx", taps=taps,
-                                           steer=variant.steer, mode=variant.mode, low_rank=variant.low_rank)
+                                           steer=variant.steer,
+                                           options=ExportOptions(mode=variant.mode, low_rank=variant.low_rank))
         log(f"  exported '{variant.label}' in {time.perf_counter() - started:.0f}s")
     return paths
 

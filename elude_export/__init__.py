@@ -1,8 +1,10 @@
 """elude-export: lossless disentanglement of polysemantic MLP neurons, exported to ONNX.
 
 Pipeline: images -> calibrate -> fit -> Plan -> rewrite -> export -> validate -> serve.
-Public names are imported lazily so that light consumers (the server reads only the ONNX
-contract) never pay for torch or the fitting code.
+Public names are functions and classes, never submodules, and are imported lazily so that
+light consumers (the server reads only the ONNX contract) never pay for torch or the fitting
+code. No stage package shares a name with a public function (`fitting/` holds `fit`,
+`evidence/` holds `evaluate`), so importing a submodule can never shadow one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "EludeError": "elude_export.errors",
+    "open_source": "elude_export.data.sources",
     "FitConfig": "elude_export.fitting.fit",
     "fit": "elude_export.fitting.fit",
     "load_model": "elude_export.models",
@@ -23,6 +26,7 @@ _PUBLIC = {
     "read_taps": "elude_export.rewrite",
     "set_steers": "elude_export.rewrite",
     "reset_steers": "elude_export.rewrite",
+    "ExportOptions": "elude_export.export.options",
     "export_onnx": "elude_export.export.onnx_export",
     "validate_export": "elude_export.export.validate",
     "write_triton_repository": "elude_export.export.triton",
@@ -34,5 +38,7 @@ __all__ = ["__version__", *_PUBLIC]
 
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # resolved once; later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'elude_export' has no attribute {name!r}")

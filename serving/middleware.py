@@ -11,6 +11,7 @@ import json
 import time
 from typing import Awaitable, Callable
 
+from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unauthorized
 from serving.monitoring import ServingMetrics
 
 ASGIApp = Callable[..., Awaitable[None]]
@@ -18,11 +19,13 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+async def send_error(send, error: ServingError, metrics: ServingMetrics) -> None:
+    """Answer a request rejected before routing with the v2 error body, and count its cause."""
+    metrics.errors.labels(cause=error.cause).inc()
+    body = json.dumps({"error": error.message}).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -72,8 +75,7 @@ class BearerAuth:
         if scope["type"] == "http" and self.expected is not None and scope["path"] not in OPEN_PATHS:
             given = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self.expected):
-                self.metrics.errors.labels(cause="unauthorized").inc()
-                await send_error(send, 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+                await send_error(send, Unauthorized(), self.metrics)
                 return
         await self.app(scope, receive, send)
 
@@ -84,9 +86,9 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServingMetrics):
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
-    async def _reject(self, send, status: int, message: str) -> None:
-        self.metrics.errors.labels(cause="too_large" if status == 413 else "bad_request").inc()
-        await send_error(send, status, message, {"Connection": "close"})
+    async def _reject(self, send, error: ServingError) -> None:
+        error.headers["Connection"] = "close"
+        await send_error(send, error, self.metrics)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
@@ -97,10 +99,10 @@ class BodyLimit:
             try:
                 length = int(declared)
             except ValueError:
-                await self._reject(send, 400, "Content-Length is not an integer")
+                await self._reject(send, BadRequest("Content-Length is not an integer"))
                 return
             if length > self.max_bytes:
-                await self._reject(send, 413, f"request body of {length} bytes exceeds {self.max_bytes}")
+                await self._reject(send, PayloadTooLarge(f"request body of {length} bytes exceeds {self.max_bytes}"))
                 return
         chunks, size = [], 0
         while True:
@@ -110,7 +112,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reject(send, 413, f"request body exceeds {self.max_bytes} bytes")
+                await self._reject(send, PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes"))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from elude_export.export.contract import LayerBaseline, OnnxContract, read_contract, tap_output_name
+from elude_export.export.contract import LayerBaseline, OnnxContract, read_contract
+from elude_export.vocabulary import IMAGE_POOLING, tap_output_name
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -195,7 +196,7 @@ class FeatureMonitor:
         self.top_n, self.psi_threshold, self.alpha, self.min_images = top_n, psi_threshold, alpha, min_images
         self.layers: dict[str, _LayerState] = {}
         self.tap_of: dict[str, str] = {}
-        max_taps = {tap.layer: tap.output for tap in contract.taps if tap.pooling == "max"}
+        max_taps = {tap.layer: tap.output for tap in contract.taps if tap.pooling == IMAGE_POOLING}
         for info in contract.layers:
             baseline = contract.baseline.get(info.path)
             if baseline is None or info.path not in max_taps:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import onnxruntime as ort
 
 from elude_export.errors import ModelLoadError
 from elude_export.export.contract import INPUT_NAME, OnnxContract
+from elude_export.export.ort_session import open_session
 from serving.errors import BadRequest
 from serving.steering import InvalidSteering, UnknownSubunit, steer_vectors
 
@@ -82,19 +82,6 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, datatype, shape, dtype)
 
 
-def choose_providers(provider: str) -> list[str]:
-    """`auto` takes CUDA when this onnxruntime build has it; `cuda` insists on it."""
-    available = ort.get_available_providers()
-    if provider == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if provider == "cuda":
-        raise ModelLoadError(f"provider 'cuda' requested but this onnxruntime offers only {', '.join(available)} "
-                             "(install onnxruntime-gpu, or use --provider cpu)")
-    return ["CPUExecutionProvider"]
-
-
 class ModelRuntime:
     """One inference session; `run` is thread-safe (onnxruntime sessions are)."""
 
@@ -103,17 +90,10 @@ class ModelRuntime:
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"ONNX model not found: {path}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: steer inputs with defaults draw a harmless warning
-        # Spinning intra-op threads burn the cores the HTTP event loop needs between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        providers = choose_providers(provider)
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own types for any unreadable/foreign file
-            raise ModelLoadError(f"{path} is not a loadable ONNX model: {exc.__class__.__name__}: {exc}") from exc
+        # the session validate measured (CUDA without TF32); one inter-op thread and, by default,
+        # no spinning: idle intra-op threads would burn the cores the HTTP event loop needs
+        self.session = open_session(path, provider, ModelLoadError, threads=threads, inter_op_threads=1,
+                                    allow_spinning=allow_spinning)
         try:
             self.contract = OnnxContract.from_metadata_props(dict(self.session.get_modelmeta().custom_metadata_map))
         except ValueError as exc:
@@ -122,9 +102,6 @@ class ModelRuntime:
         self.name = name or self.contract.model_name
         self.providers = list(self.session.get_providers())
         self.provider = self.providers[0]
-        if provider == "cuda" and self.provider != "CUDAExecutionProvider":  # onnxruntime falls back silently
-            raise ModelLoadError(f"provider 'cuda' requested but onnxruntime runs {path} on {self.provider} "
-                                 "(CUDA/cuDNN libraries not loadable?)")
         # steer inputs backed by initializers (ones) are "overridable initializers", not inputs, to ORT
         graph_inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
         self.inputs = {node.name: _spec(node) for node in graph_inputs}

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from elude_export.export.contract import (INPUT_NAME, LayerBaseline, LayerInfo, OnnxContract, TapInfo,
-                                        steer_input_name, tap_output_name)
+from elude_export.export.contract import INPUT_NAME, LayerBaseline, LayerInfo, OnnxContract, TapInfo
+from elude_export.vocabulary import steer_input_name, tap_output_name
 
 QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 THRESHOLD_QUANTILE = 0.75

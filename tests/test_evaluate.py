@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -11,10 +14,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from elude_export.cli import main
-from elude_export.evidence.evaluate import (
-    EvalConfig, RunningTopN, evaluate, mean_ci, paired_delta_ci, purity_entropy, random_split_plan,
-    same_class_concept_mix, shuffled_subunit_max, weighted_coherence, write_json,
+from elude_export.errors import DataError
+from elude_export.evidence.baselines.random_split import random_split_plan
+from elude_export.evidence.baselines.shuffle import shuffled_subunit_max
+from elude_export.evidence.collect import RunningTopN
+from elude_export.evidence.evaluate import EvalConfig, evaluate
+from elude_export.evidence.metrics import (
+    mean_ci, paired_delta_ci, purity_entropy, same_class_concept_mix, weighted_coherence,
 )
+from elude_export.evidence.results import EvalResult, write_json
 from elude_export.rewrite import apply_plan
 from elude_export.data.sources import open_source
 from plan_factory import random_plan, small_fitted_plan
@@ -157,7 +165,7 @@ def test_evaluate_small_run_identical_accuracy_and_table_fields(small_run, tmp_p
         for metric in ("label_purity", "concept_purity", "coherence", "label_entropy"):
             assert {"mean", "median", "ci", "n"} <= set(row[metric])
     assert {"delta_vs_random", "delta_vs_shuffle"} <= set(rows[("elude", "all")])
-    assert layer.sae["eval_fvu"] >= 0.0
+    assert layer.info["sae"]["eval_fvu"] >= 0.0
     text = result.table()
     for field in ("label purity", "concept purity", "coherence", "unsc", "elude - random", "elude - shuffle", "SAE:",
                   "logits bitwise equal: yes"):
@@ -210,3 +218,24 @@ def test_cli_evaluate_needs_sae_data_for_unknown_sets(small_run, tmp_path):
     np.savez(labelled, images=np.zeros((4, 32, 32, 3), dtype=np.uint8), labels=np.arange(4))
     result = _invoke(["evaluate", "--plan", str(plan_path), "--checkpoint", str(checkpoint), "--data", str(labelled)])
     assert result.exit_code == 2 and "--sae-data" in result.output
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_evaluation_json_is_atomic_strict_and_has_the_usual_mode(tmp_path, umask_022):
+    accuracy = {"original": 0.5, "rewritten_max_abs_logit_diff": math.nan}
+    result = EvalResult("d", 4, 2, "m", "context", "logits", accuracy, [], {"top_n": 2}, {})
+    out = write_json(result, tmp_path / "eval.json")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # 0o666 & ~umask, not mkstemp's 0o600
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"]["rewritten_max_abs_logit_diff"] is None  # NaN is written as null
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temp file left behind
+    with pytest.raises(DataError, match="does not exist"):
+        write_json(result, tmp_path / "missing" / "eval.json")
+    with pytest.raises(DataError, match="is a directory"):
+        write_json(result, tmp_path)

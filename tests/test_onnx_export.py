@@ -22,8 +22,10 @@ from elude_export.models import (
     embedded_input_spec,
     load_model,
 )
-from elude_export.export.contract import read_contract, steer_input_name, tap_output_name
+from elude_export.export.contract import read_contract
+from elude_export.vocabulary import steer_input_name, tap_output_name
 from elude_export.export.onnx_export import export_onnx, parse_taps
+from elude_export.export.options import ExportOptions
 from elude_export.rewrite import (
     apply_plan,
     configure_layer_taps,
@@ -166,7 +168,7 @@ def test_metadata_names_every_column(exported, setup):
     assert contract.model_fingerprint == plan.model_fingerprint
     assert contract.plan_fingerprint == plan.fingerprint()
     assert contract.outputs == ["logits"]
-    assert contract.export["mode"] == "fused" and contract.export["steer_layout"] == "shared"
+    assert contract.export.mode == "fused" and contract.export.steer_layout == "shared"
     assert contract.versions["opset"] == 18 and contract.versions["exporter"] in ("dynamo", "torchscript")
     model = onnx.load(str(exported), load_external_data=False)
     shapes = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
@@ -186,8 +188,8 @@ def test_metadata_names_every_column(exported, setup):
 def test_only_tapped_layers_are_rewritten(setup, tmp_path):
     loaded, plan = setup
     middle = plan.layers[1].path
-    path = export_onnx(loaded, plan, tmp_path / "one.onnx", taps=f"{middle}:max", steer=False, exporter="torchscript",
-                       low_rank=False)
+    path = export_onnx(loaded, plan, tmp_path / "one.onnx", taps=f"{middle}:max", steer=False,
+                       options=ExportOptions(exporter="torchscript", low_rank=False))
     contract = read_contract(path)
     assert [l.path for l in contract.layers] == [middle] and contract.layers[0].steer_input == ""
     assert [t.output for t in contract.taps] == [tap_output_name(middle, "max")]
@@ -205,8 +207,8 @@ def test_only_tapped_layers_are_rewritten(setup, tmp_path):
 
 def test_explicit_mode_and_per_image_steers(setup, tmp_path):
     loaded, plan = setup
-    path = export_onnx(loaded, plan, tmp_path / "explicit.onnx", taps="all:cls", mode="explicit",
-                       steer_layout="per_image")
+    path = export_onnx(loaded, plan, tmp_path / "explicit.onnx", taps="all:cls",
+                       options=ExportOptions(mode="explicit", steer_layout="per_image"))
     sess = session(path)
     x = held_out_batch(loaded, 3)
     with torch.no_grad():
@@ -247,8 +249,8 @@ def test_timm_model_exports(tmp_path):
 def test_external_data(setup, tmp_path):
     """The > 2 GB path, forced on a small model: weights beside the graph, same results."""
     loaded, plan = setup
-    path = export_onnx(loaded, plan, tmp_path / "big.onnx", taps=f"{plan.layers[0].path}:max", exporter="torchscript",
-                       external_data=True)
+    path = export_onnx(loaded, plan, tmp_path / "big.onnx", taps=f"{plan.layers[0].path}:max",
+                       options=ExportOptions(exporter="torchscript"), external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     assert path.stat().st_size < (tmp_path / "big.onnx.data").stat().st_size
     onnx.checker.check_model(str(path), full_check=True)

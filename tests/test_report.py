@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import stat
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from elude_export.cli import main
+from elude_export.errors import DataError
 from elude_export.evidence.evaluate import EvalConfig, evaluate
 from elude_export.evidence.report import build_report, write_report
 from elude_export.data.sources import open_source
@@ -112,3 +115,19 @@ def test_cli_report(report_file, tmp_path):
     assert bad.exit_code == 2 and bad.output.startswith("error:")
     bad_layer = CliRunner().invoke(main, base + ["-o", str(out), "--layer", "blocks.0.mlp"])
     assert bad_layer.exit_code == 2 and "plan has no layer" in bad_layer.output
+
+
+def test_write_report_is_atomic_with_the_usual_mode(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = write_report("<!DOCTYPE html><html></html>", tmp_path / "report.html")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # 0o666 & ~umask, not mkstemp's 0o600
+        write_report("<!DOCTYPE html><html>again</html>", path)  # replaces the old report whole
+    finally:
+        os.umask(previous)
+    assert path.read_text().endswith("again</html>")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temp file left behind
+    with pytest.raises(DataError, match="does not exist"):
+        write_report("x", tmp_path / "missing" / "report.html")
+    with pytest.raises(DataError, match="is a directory"):
+        write_report("x", tmp_path)

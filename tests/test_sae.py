@@ -8,7 +8,7 @@ import torch
 from elude_export.errors import DataError
 from elude_export.layers import find_layers
 from elude_export.models import create_embedded_model, embedded_input_spec
-from elude_export.evidence.sae import SAEConfig, TopKSAE, collect_hidden_tokens, fvu, train_sae
+from elude_export.evidence.baselines.sae_model import SAEConfig, TopKSAE, collect_hidden_tokens, fvu, train_sae
 from elude_export.data.sources import ArraySource
 
 

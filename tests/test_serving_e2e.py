@@ -119,7 +119,10 @@ def stream_and_report(http: httpx.Client, loaded, source, transform) -> dict:
 def test_triton_style_per_image_steer_export_serves(exported, tmp_path):
     """The Triton copy (steer inputs (steer_batch, S)) is servable too; named steering maps onto it."""
     loaded, plan, _path, source = exported
-    path = onnx_export.export_onnx(loaded, plan, tmp_path / "per_image.onnx", steer_layout="per_image")
+    from elude_export.export.options import ExportOptions
+
+    path = onnx_export.export_onnx(loaded, plan, tmp_path / "per_image.onnx",
+                                   options=ExportOptions(steer_layout="per_image"))
     x = normalize_images(source.load(np.arange(700, 704)), loaded.input_spec).numpy()
     layer = plan.layers[0]
     steer = np.ones((1, layer.n_subunits), np.float32)

@@ -18,8 +18,10 @@ import pytest
 from google.protobuf import text_format
 
 from elude_export.errors import ExportError
-from elude_export.export.contract import read_contract, steer_input_name
+from elude_export.export.contract import read_contract
+from elude_export.vocabulary import steer_input_name
 from elude_export.export.onnx_export import export_onnx
+from elude_export.export.options import ExportOptions
 from elude_export.export.triton import write_triton_repository
 
 from test_onnx_export import embedded_model_and_plan
@@ -52,7 +54,7 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton")
     first, last = plan.layers[0].path, plan.layers[-1].path
     path = export_onnx(loaded, plan, folder / "model.onnx", taps=[f"{first}:max,mean", f"{last}:max"],
-                       steer_layout="per_image")
+                       options=ExportOptions(steer_layout="per_image"))
     return loaded, plan, path
 
 
@@ -99,7 +101,7 @@ def test_python_backend_repository(exported, tmp_path):
 def test_shared_steers_cannot_batch(tmp_path):
     loaded, plan = embedded_model_and_plan()
     path = export_onnx(loaded, plan, tmp_path / "shared.onnx", taps=f"{plan.layers[0].path}:max",
-                       exporter="torchscript")
+                       options=ExportOptions(exporter="torchscript"))
     with pytest.raises(ExportError, match="per-image"):
         write_triton_repository(path, tmp_path / "repo")
     folder = write_triton_repository(path, tmp_path / "repo", max_batch_size=0)  # unbatched: fine as is

@@ -16,7 +16,9 @@ from elude_export.errors import ValidationError
 from elude_export.models import EMBEDDED_WEIGHTS
 from elude_export.export.onnx_export import export_onnx
 from elude_export.data.sources import ArraySource, open_source
-from elude_export.export.validate import session_providers, validate_export
+from elude_export.export.options import ExportOptions
+from elude_export.export.ort_session import choose_providers
+from elude_export.export.validate import validate_export
 
 from test_onnx_export import embedded_model_and_plan
 
@@ -32,7 +34,8 @@ def held_out_source(loaded):
 def setup(tmp_path_factory):
     loaded, plan = embedded_model_and_plan()
     folder = tmp_path_factory.mktemp("validate")
-    path = export_onnx(loaded, plan, folder / "model.onnx", taps="all:max,cls", exporter="torchscript")
+    path = export_onnx(loaded, plan, folder / "model.onnx", taps="all:max,cls",
+                       options=ExportOptions(exporter="torchscript"))
     return loaded, plan, path, folder
 
 
@@ -65,7 +68,7 @@ def test_cuda_request_without_cuda_is_a_clear_error():
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     with pytest.raises(ValidationError, match="no CUDAExecutionProvider"):
-        session_providers("cuda")
+        choose_providers("cuda", ValidationError)
 
 
 def test_zero_tolerance_fails_with_cross_marks(setup):

@@ -10,9 +10,6 @@ import click
 
 from elude_export.errors import DataError, EludeError
 
-MODEL_HELP = "timm model name (e.g. vit_base_patch16_224) or 'embedded' for the bundled concept ViT."
-
-
 def model_options(command):
     """Options shared by every command that loads a model."""
     command = click.option("--img-size", type=int, default=None,

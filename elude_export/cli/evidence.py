@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from elude_export.cli.core import load_model_from_options, model_options, split_patterns
+from elude_export.artifacts import write_json_atomic
 from elude_export.errors import DataError
 
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
@@ -69,7 +69,8 @@ def evaluation_options(command):
 def _evaluate(plan_path, model, checkpoint, pretrained, img_size, data, layer_patterns, top_n, limit, sae, sae_data,
               sae_k, sae_steps, bootstrap, batch_size, device, seed, json_out):
     from elude_export.models import resolve_device
-    from elude_export.evidence.evaluate import EvalConfig, check_layers, default_fit_data, evaluate, write_json
+    from elude_export.evidence.evaluate import EvalConfig, check_layers, default_fit_data, evaluate
+    from elude_export.evidence.results import write_json
 
     if json_out is not None and not json_out.parent.exists():
         raise DataError(f"output directory {json_out.parent} does not exist")
@@ -168,5 +169,5 @@ def steer_command(plan_path, subunit, scale, whole_unit, model, checkpoint, pret
     result = steer_effect(loaded, plan, subunit, scale, source, whole_unit, limit, batch_size, resolve_device(device))
     click.echo(result.table())
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        write_json_atomic(json_out, result.to_json(), DataError)
         click.echo(f"wrote {json_out}")

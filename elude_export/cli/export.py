@@ -50,19 +50,21 @@ def _load(model, checkpoint, pretrained, img_size, plan_path):
 def export_command(model, checkpoint, pretrained, img_size, plan_path, output, taps, steer, mode, router_kind, opset,
                    exporter, triton_repo, triton_backend, triton_name, max_batch_size, triton_instance):
     """Export MODEL rewritten by a plan to ONNX, with named tap outputs and steer inputs."""
+    from dataclasses import replace
+
     from elude_export.export.onnx_export import export_onnx
+    from elude_export.export.options import ExportOptions
     from elude_export.export.triton import write_triton_repository
 
     loaded, plan = _load(model, checkpoint, pretrained, img_size, plan_path)
     if output is None and triton_repo is None:
         output = Path("model.onnx")
-    steer_choice = {"none": False, "tapped": True}.get(steer, steer)
-    options = dict(taps=list(taps), steer=steer_choice, mode=mode, low_rank=router_kind != "dense", opset=opset,
-                   exporter=exporter)
+    selection = dict(taps=list(taps), steer={"none": False, "tapped": True}.get(steer, steer))
+    options = ExportOptions(mode=mode, low_rank=router_kind != "dense", opset=opset, exporter=exporter)
     if router_kind == "low-rank" and all(layer.router_a is None for layer in plan.layers):
         raise ExportError("--router low-rank: this plan has no low-rank factors (fit with --router-rank)")
     if output is not None:
-        path = export_onnx(loaded, plan, output, log=click.echo, **options)
+        path = export_onnx(loaded, plan, output, options=options, log=click.echo, **selection)
         _describe(path)
     if triton_repo is not None:
         import tempfile
@@ -70,9 +72,10 @@ def export_command(model, checkpoint, pretrained, img_size, plan_path, output, t
         name = triton_name or f"elude_{loaded.name}".replace("/", "_")
         # Triton batches every tensor, steers included: its copy carries one steer row per image
         with tempfile.TemporaryDirectory(dir=triton_repo.parent if triton_repo.parent.exists() else None) as tmp:
-            staged = export_onnx(loaded, plan, Path(tmp) / "model.onnx", steer_layout="per_image",
+            staged = export_onnx(loaded, plan, Path(tmp) / "model.onnx",
+                                 options=replace(options, steer_layout="per_image"),
                                  log=lambda message: click.echo(message) if message.startswith("note") else None,
-                                 **options)
+                                 **selection)
             folder = write_triton_repository(staged, triton_repo, name, triton_backend, max_batch_size,
                                              triton_instance)
         click.echo(f"wrote Triton model repository {folder} ({triton_backend} backend)")
@@ -109,7 +112,7 @@ def validate_command(model, checkpoint, pretrained, img_size, plan_path, onnx_pa
                      batch_size, provider, atol, rtol, report_path, no_steering):
     """Compare an exported ONNX model under onnxruntime with the PyTorch model, output by output."""
     from elude_export.data.sources import open_source
-    from elude_export.export.validate import validate_export
+    from elude_export.export.validate import ValueMismatchError, validate_export
 
     loaded, plan = _load(model, checkpoint, pretrained, img_size, plan_path)
     if report_path is not None and not report_path.parent.exists():
@@ -123,5 +126,5 @@ def validate_command(model, checkpoint, pretrained, img_size, plan_path, onnx_pa
         report.write_json(report_path)
         click.echo(f"report: {report_path}")
     if not report.ok:
-        raise ValidationError(f"{onnx_path} differs from the PyTorch model beyond tolerance (see the ✗ lines)")
+        raise ValueMismatchError(f"{onnx_path} differs from the PyTorch model beyond tolerance (see the ✗ lines)")
 

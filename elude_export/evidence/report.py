@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from elude_export.artifacts import check_output_path, write_text_atomic
+from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
-from elude_export.evidence.evaluate import ColumnSet, EvalResult, LayerEvaluation
-from elude_export.models import normalize_images
-from elude_export.models import LoadedModel
+from elude_export.evidence.baselines.base import ELUDE, UNITS, delta_key
+from elude_export.evidence.results import ColumnSet, EvalResult, LayerEvaluation
+from elude_export.models import LoadedModel, normalize_images
 from elude_export.plan import Plan
 from elude_export.rewrite import apply_plan, disentangled_layers
-from elude_export.data.sources import ImageSource
+from elude_export.vocabulary import IMAGE_POOLING, TOKEN_TAP
 
 ORDERS = ("gain", "index", "random")
-PURITY_COLORS = {"units": "#4c72b0", "elude": "#dd8452", "random": "#8c8c8c", "shuffle": "#c4c4c4", "sae": "#55a868"}
 
 
 def _png(figure_or_image: Any) -> str:
@@ -83,7 +82,7 @@ def summary_plots(result: EvalResult) -> dict[str, str]:
             values = values[~np.isnan(values)]
             if len(values):
                 axis.hist(values, bins=bins, histtype="step", density=True, linewidth=1.5,
-                          color=PURITY_COLORS.get(method), label=f"{method} ({values.mean():.2f})")
+                          color=result.baselines[method].color, label=f"{method} ({values.mean():.2f})")
         axis.set_title(layer.path, fontsize=9)
         axis.set_xlabel(metric.replace("_", " "), fontsize=8)
         axis.legend(fontsize=7)
@@ -97,8 +96,8 @@ def pick_units(layer: LayerEvaluation, metric: str, count: int, order: str, seed
     """Split units to show; `gain` = best first by mean sub-unit metric minus the unit's."""
     if order not in ORDERS:
         raise DataError(f"unknown order '{order}' (use {', '.join(ORDERS)})")
-    units = layer.columns["units"]
-    elude = layer.columns["elude"]
+    units = layer.columns[UNITS]
+    elude = layer.columns[ELUDE]
     split = np.nonzero(units.split)[0]
     if order == "index":
         return split[:count].tolist()
@@ -133,7 +132,7 @@ def argmax_tokens(loaded: LoadedModel, plan: Plan, source: ImageSource, path: st
     finally:
         hook.remove()
     hidden = captured[-1] if captured[-1].ndim == 3 else captured[-1].unsqueeze(1)  # (B, T, H)
-    tokens = layer.taps["tokens"]  # (B, T, S)
+    tokens = layer.taps[TOKEN_TAP]  # (B, T, S)
     position = {int(image): row for row, image in enumerate(flat)}
     unit_images, sub_images = images[:, 0], images[:, 1:]
     unit_tokens = np.array([int(hidden[position[int(i)], :, unit].argmax()) for i in unit_images])
@@ -225,7 +224,7 @@ def _summary_table(result: EvalResult) -> str:
             cells = [html.escape(layer.path), row["method"], row["scope"], str(row["columns"]), str(row["unscored"])]
             for metric in metric_names:
                 stat = row.get(metric) or {}
-                delta = (row.get("delta_vs_units") or {}).get(metric) or {}
+                delta = (row.get(delta_key(UNITS)) or {}).get(metric) or {}
                 cells.append("-" if stat.get("mean") is None else
                              f"{stat['mean']:.3f} [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}]")
                 cells.append("-" if delta.get("delta") is None else
@@ -260,7 +259,7 @@ def build_report(loaded: LoadedModel, plan: Plan, source: ImageSource, result: E
         f"<h1>ELUDe report: {html.escape(result.model)}</h1>",
         f"<p>plan router <b>{html.escape(result.router)}</b>; evaluation data <b>{html.escape(result.data)}</b> "
         f"({result.n_images} images, not used for fitting); top-{result.top_n} images per column, image "
-        f"activation = max over tokens. Accuracy: original {result.accuracy['original']:.4f}, rewritten "
+        f"activation = {IMAGE_POOLING} over tokens. Accuracy: original {result.accuracy['original']:.4f}, rewritten "
         f"{result.accuracy['rewritten']:.4f} (logits bitwise equal: "
         f"{'yes' if result.accuracy['rewritten_logits_bitwise_equal'] else 'NO'}).</p>",
         "<h2>Summary</h2>", _summary_table(result),
@@ -296,7 +295,7 @@ def _choose_layer(result: EvalResult, layer: str | None) -> LayerEvaluation:
 def _unit_section(loaded: LoadedModel, plan: Plan, source: ImageSource, result: EvalResult,
                   layer: LayerEvaluation, unit: int, device: torch.device) -> str:
     n = result.top_n
-    units, elude = layer.columns["units"], layer.columns["elude"]
+    units, elude = layer.columns[UNITS], layer.columns[ELUDE]
     sub_columns = np.nonzero(elude.parent == unit)[0].tolist()
     images = np.concatenate([units.images[:n, [unit]], elude.images[:n, sub_columns]], axis=1)
     unit_tokens, sub_tokens = argmax_tokens(loaded, plan, source, layer.path, unit, sub_columns, images, device)
@@ -318,20 +317,7 @@ def _unit_section(loaded: LoadedModel, plan: Plan, source: ImageSource, result: 
 
 
 def write_report(text: str, path: str | Path) -> Path:
-    """Write atomically (temp file + rename) so a reader never sees half a report."""
+    """Write atomically so a reader never sees half a report, with the mode open() would give it."""
     path = Path(path)
-    if not path.parent.exists():
-        raise DataError(f"output directory {path.parent} does not exist")
-    if path.is_dir():
-        raise DataError(f"report output {path} is a directory; give a file name such as report.html")
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
+    check_output_path(path, DataError, "report.html")
+    return write_text_atomic(path, text, DataError)

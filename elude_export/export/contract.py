@@ -23,10 +23,12 @@ metadata_props keys (all JSON strings unless noted)
   "fire_rate":[per sub-unit], "mean":[...], "quantiles":[[per sub-unit L values]],
   "bin_fraction":[[L+1 values]]}}} (calibration statistics for monitoring);
 - `elude.versions`: {"elude","torch","timm","onnx","opset","exporter"};
-- `elude.export` (added by the exporter; absent in older files): {"mode": "fused"|"explicit",
-  "low_rank": bool, "steer_layout": "shared"|"per_image"}. `shared`: steer inputs are
-  (n_subunits,) as above; `per_image`: (steer_batch, n_subunits), default (1, n_subunits),
-  one row per image or one row for all (the layout a batching server such as Triton needs).
+- `elude.export` (added by the exporter; absent in older files, read as the defaults): the
+  `ExportOptions` used, {"mode": "fused"|"explicit", "low_rank": bool, "steer_layout":
+  "shared"|"per_image", "opset": int, "exporter": "dynamo"|"torchscript"}. `shared`: steer
+  inputs are (n_subunits,) as above; `per_image`: (steer_batch, n_subunits), default
+  (1, n_subunits), one row per image or one row for all (the layout a batching server such as
+  Triton needs).
 """
 
 from __future__ import annotations
@@ -38,17 +40,15 @@ from typing import Any
 
 import numpy as np
 
+from elude_export.errors import ExportError
+from elude_export.export.options import ExportOptions
+# re-exported: serving.monitoring and tests/serving_fixtures.py still import them from here
+
 SCHEMA_VERSION = 1
 INPUT_NAME = "input"
+BATCH_DIM = "batch"  # the dynamic axis of `input` and of every output
+STEER_BATCH_DIM = "steer_batch"  # the dynamic axis of per-image steer inputs
 PREFIX = "elude."
-
-
-def tap_output_name(layer: str, pooling: str) -> str:
-    return f"tap.{layer}.{pooling}"
-
-
-def steer_input_name(layer: str) -> str:
-    return f"steer.{layer}"
 
 
 @dataclass
@@ -94,7 +94,7 @@ class OnnxContract:
     baseline: dict[str, LayerBaseline] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
-    export: dict[str, Any] = field(default_factory=dict)
+    export: ExportOptions = field(default_factory=ExportOptions)
 
     def layer(self, path: str) -> LayerInfo:
         for info in self.layers:
@@ -124,7 +124,7 @@ class OnnxContract:
             f"{PREFIX}taps": json.dumps([vars(tap) for tap in self.taps]),
             f"{PREFIX}baseline": json.dumps(baseline),
             f"{PREFIX}versions": json.dumps(self.versions),
-            f"{PREFIX}export": json.dumps(self.export),
+            f"{PREFIX}export": self.export.to_json(),
         }
 
     @classmethod
@@ -154,9 +154,9 @@ class OnnxContract:
                 baseline=baseline,
                 versions=json.loads(props.get(f"{PREFIX}versions", "{}")),
                 schema_version=int(version),
-                export=json.loads(props.get(f"{PREFIX}export", "{}")),
+                export=ExportOptions.from_json(props.get(f"{PREFIX}export")),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, json.JSONDecodeError, ExportError) as exc:
             raise ValueError(f"malformed ELUDe metadata: {exc}") from exc
 
 

@@ -11,8 +11,11 @@ Exporter: `torch.onnx.export(..., dynamo=True)` (torch.export + onnxscript, the 
 path), falling back to the TorchScript exporter under `exporter="auto"` when torch.export
 fails. Opset 18: the lowest opset the dynamo exporter targets, run by onnxruntime >= 1.14 and
 by Triton's onnxruntime backend since 23.x; onnxruntime fuses the erf-based GELU into its own
-kernel, so a newer opset (20 has a Gelu op) buys no speed. The file is written atomically;
-models over 2 GB keep their weights in `<name>.data` next to the graph.
+kernel, so a newer opset (20 has a Gelu op) buys no speed. How the graph is built (mode,
+router, steer layout, opset, exporter) is one `ExportOptions`, recorded in `elude.export`.
+Tracing happens in a scratch folder; the checked file is moved into place atomically with the
+usual permissions (`artifacts.write_file_atomic`), so another user (a Triton server) can read
+it. Models over 2 GB keep their weights in `<name>.data` next to the graph.
 """
 
 from __future__ import annotations
@@ -21,41 +24,31 @@ import contextlib
 import fnmatch
 import io
 import os
-import shutil
 import tempfile
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from elude_export.artifacts import check_output_path, write_file_atomic
 from elude_export.errors import EludeError, ExportError
 from elude_export.models import LoadedModel
-from elude_export.export.contract import (
-    INPUT_NAME,
-    LayerBaseline,
-    LayerInfo,
-    OnnxContract,
-    TapInfo,
-    steer_input_name,
-    tap_output_name,
-)
+from elude_export.export.contract import (BATCH_DIM, INPUT_NAME, STEER_BATCH_DIM, LayerBaseline, LayerInfo,
+                                         OnnxContract, TapInfo)
+from elude_export.export.options import ExportOptions
 from elude_export.plan import STAT_NAMES, Plan
-from elude_export.rewrite import POOLINGS, apply_plan, configure_layer_taps, disentangled_layers
+from elude_export.rewrite import apply_plan, configure_layer_taps, disentangled_layers
+from elude_export.vocabulary import IMAGE_POOLING, TAP_KINDS, steer_input_name, tap_output_name
 
-DEFAULT_OPSET = 18
-EXPORTERS = ("auto", "dynamo", "torchscript")
-STEER_LAYOUTS = ("shared", "per_image")
-TAP_KINDS = (*POOLINGS, "tokens")
-DEFAULT_POOLING = "max"
-BATCH_DIM = "batch"
-STEER_BATCH_DIM = "steer_batch"
+if TYPE_CHECKING:
+    import onnx
+
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses files over 2 GiB; leave room for the graph
-
-TapRequest = Mapping[str, Sequence[str]]
+PRODUCER = "elude-export"
 
 
 def output_name(loaded: LoadedModel) -> str:
@@ -80,7 +73,7 @@ def parse_taps(specs: str | Iterable[str] | None, plan: Plan) -> dict[str, tuple
         if not spec or spec == "none":
             continue
         layer_part, _, kind_part = spec.partition(":")
-        kinds = [k.strip() for k in kind_part.split(",") if k.strip()] if kind_part else [DEFAULT_POOLING]
+        kinds = [k.strip() for k in kind_part.split(",") if k.strip()] if kind_part else [IMAGE_POOLING]
         unknown = [k for k in kinds if k not in TAP_KINDS]
         if unknown:
             raise ExportError(f"unknown tap pooling {unknown[0]!r} in '{spec}' (use {', '.join(TAP_KINDS)})")
@@ -147,20 +140,20 @@ class ReferenceGraph(nn.Module):
 
 
 def build_export_graph(loaded: LoadedModel, plan: Plan, taps: Mapping[str, Sequence[str]],
-                       steer_layers: Sequence[str], mode: str = "fused",
-                       low_rank: bool = True) -> tuple[ExportGraph, list[TapInfo]]:
+                       steer_layers: Sequence[str], options: ExportOptions) -> tuple[ExportGraph, list[TapInfo]]:
     """Rewrite only the layers that are tapped or steered, and select exactly the taps exported."""
     rewritten_paths = [layer.path for layer in plan.layers if layer.path in taps or layer.path in steer_layers]
     if not rewritten_paths:
         raise ExportError("nothing to export: no taps and no steer inputs were asked for (see --taps / --steer)")
-    model = apply_plan(loaded.model, plan, mode=mode, layers=rewritten_paths, low_rank=low_rank, poolings=())
+    model = apply_plan(loaded.model, plan, mode=options.mode, layers=rewritten_paths, low_rank=options.low_rank,
+                       poolings=())
     configure_layer_taps(model, {path: kinds for path, kinds in taps.items()})
     tap_infos = [TapInfo(tap_output_name(path, kind), path, kind) for path, kinds in taps.items() for kind in kinds]
     return ExportGraph(model, tap_infos, list(steer_layers)).eval(), tap_infos
 
 
 def build_contract(loaded: LoadedModel, plan: Plan, taps: list[TapInfo], rewritten: Sequence[str],
-                   steer_layers: Sequence[str], versions: dict, export: dict) -> OnnxContract:
+                   steer_layers: Sequence[str], versions: dict, export: ExportOptions) -> OnnxContract:
     """The metadata a consumer of the file alone needs: names of every column, baselines."""
     layers, baseline = [], {}
     for layer in plan.layers:
@@ -189,127 +182,130 @@ def export_onnx(
     path: str | Path,
     taps: str | Iterable[str] | Mapping[str, Sequence[str]] | None = "all",
     steer: bool | str | Iterable[str] = True,
-    mode: str = "fused",
-    low_rank: bool = True,
-    steer_layout: str = "shared",
-    opset: int = DEFAULT_OPSET,
-    exporter: str = "auto",
+    options: ExportOptions | None = None,
     external_data: bool | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
     """Export `loaded` rewritten by `plan` to `path` (atomically) and return the path.
 
     taps: tap specs (see `parse_taps`) or a ready {layer: kinds} mapping; steer: which layers
-    get a `steer.<layer>` input (see `parse_steer`); steer_layout: `shared` (n_subunits,) or
-    `per_image` (steer_batch, n_subunits); external_data: None decides by size (> 1.8 GB).
+    get a `steer.<layer>` input (see `parse_steer`); options: mode, router, steer layout, opset,
+    exporter (defaults: `ExportOptions()`); external_data: None decides by size (> 1.8 GB).
     """
-    path = Path(path)
-    _check_options(mode, steer_layout, exporter, opset)
+    path, options = Path(path), options or ExportOptions()
+    check_output_path(path, ExportError, "model.onnx")
     tap_map = dict(taps) if isinstance(taps, Mapping) else parse_taps(taps, plan)
     if isinstance(taps, Mapping):
         unknown = set(tap_map) - {layer.path for layer in plan.layers}
         if unknown:
             raise ExportError(f"unknown tap layer(s) {sorted(unknown)}: not in the plan")
     steer_layers = parse_steer(steer, plan, tap_map)
-    graph, tap_infos = build_export_graph(loaded, plan, tap_map, steer_layers, mode, low_rank)
+    graph, tap_infos = build_export_graph(loaded, plan, tap_map, steer_layers, options)
     rewritten = list(disentangled_layers(graph.model))
     steer_sizes = {p: plan.layer(p).n_subunits for p in steer_layers}
+    with _scratch(path) as work:
+        proto, used = _trace_model(graph, loaded, work, [t.output for t in tap_infos], steer_sizes, options, log)
+        # record what was used: the exporter that ran, low-rank routing only where the plan has factors
+        recorded = replace(options, exporter=used,
+                           low_rank=options.low_rank and any(plan.layer(p).router_a is not None for p in rewritten))
+        contract = build_contract(loaded, plan, tap_infos, rewritten, steer_layers, _versions(options.opset, used),
+                                  recorded)
+        _finalize(proto, contract, steer_sizes, options.steer_layout)
+        external = _write_model(proto, path, work, external_data)
+    log(_written(path, used, options.opset, external))
+    return path
 
-    def finish(proto, exporter_used: str) -> None:
-        versions = _versions(opset, exporter_used)
-        export_info = {"mode": mode, "low_rank": bool(low_rank and any(plan.layer(p).router_a is not None
-                                                                       for p in rewritten)),
-                       "steer_layout": steer_layout}
-        contract = build_contract(loaded, plan, tap_infos, rewritten, steer_layers, versions, export_info)
-        _finalize(proto, contract, steer_sizes, steer_layout)
 
-    return _export_graph(graph, loaded, path, [t.output for t in tap_infos], steer_sizes, steer_layout, opset,
-                         exporter, external_data, finish, log)
+def export_reference_onnx(loaded: LoadedModel, path: str | Path, options: ExportOptions | None = None,
+                          log: Callable[[str], None] = lambda _msg: None) -> Path:
+    """The original model through the same exporter (no taps, no steers, no contract).
 
-
-def export_reference_onnx(loaded: LoadedModel, path: str | Path, opset: int = DEFAULT_OPSET,
-                          exporter: str = "auto", log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """The original model through the same exporter (no taps, no steers, no contract)."""
-    _check_options("fused", "shared", exporter, opset)
-
-    def finish(proto, exporter_used: str) -> None:
+    Only `options.opset` and `options.exporter` apply: the graph is not rewritten.
+    """
+    path, options = Path(path), options or ExportOptions()
+    check_output_path(path, ExportError, "original.onnx")
+    with _scratch(path) as work:
+        proto, used = _trace_model(ReferenceGraph(loaded.model.eval()), loaded, work, [], {}, options, log)
         _rename_batch_dims(proto, {})
-        proto.producer_name = "elude-export"
-
-    return _export_graph(ReferenceGraph(loaded.model.eval()), loaded, Path(path), [], {}, "shared", opset,
-                         exporter, None, finish, log)
-
-
-def _check_options(mode: str, steer_layout: str, exporter: str, opset: int) -> None:
-    if mode not in ("fused", "explicit"):
-        raise ExportError(f"unknown mode '{mode}' (use fused or explicit)")
-    if steer_layout not in STEER_LAYOUTS:
-        raise ExportError(f"unknown steer layout '{steer_layout}' (use {' or '.join(STEER_LAYOUTS)})")
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter '{exporter}' (use {', '.join(EXPORTERS)})")
-    if not 17 <= opset <= 23:
-        raise ExportError(f"opset {opset} is not supported (use 17..23; default {DEFAULT_OPSET})")
+        proto.producer_name = PRODUCER
+        external = _write_model(proto, path, work, None)
+    log(_written(path, used, options.opset, external))
+    return path
 
 
-def _export_graph(graph: nn.Module, loaded: LoadedModel, path: Path, tap_names: list[str],
-                  steer_sizes: dict[str, int], steer_layout: str, opset: int, exporter: str,
-                  external_data: bool | None, finish: Callable, log: Callable[[str], None]) -> Path:
-    """Trace, post-process, check and write; nothing appears at `path` unless all succeeded."""
-    if path.is_dir():
-        raise ExportError(f"output {path} is a directory; give a file name such as model.onnx")
-    if not path.parent.exists():
-        raise ExportError(f"output directory {path.parent} does not exist")
+@contextlib.contextmanager
+def _scratch(path: Path) -> Iterator[Path]:
+    """A temporary folder next to `path` for the exporter's own files; always removed."""
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        folder = tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent,
+                                             ignore_cleanup_errors=True)
     except OSError as exc:
         raise ExportError(f"cannot write to {path.parent}: {exc.strerror}") from exc
-    try:
-        spec = loaded.input_spec
-        example = torch.randn(2, spec.channels, spec.height, spec.width)
-        steers = [torch.ones(size) if steer_layout == "shared" else torch.ones(2, size) for size in steer_sizes.values()]
-        input_names = [INPUT_NAME, *[steer_input_name(p) for p in steer_sizes]]
-        output_names = [output_name(loaded), *tap_names]
-        raw = work / "raw.onnx"
-        used = _trace(graph, (example, steers), raw, input_names, output_names, steer_layout, opset, exporter, log)
-        import onnx
+    with folder as work:
+        try:
+            yield Path(work)
+        except OSError as exc:
+            raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
-        proto = onnx.load(str(raw), load_external_data=True)
-        finish(proto, used)
-        size = sum(len(t.raw_data) for t in proto.graph.initializer)
-        external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
-        final = work / path.name
-        data_name = f"{path.name}.data"
-        onnx.save_model(proto, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        del proto
-        _check(final)
-        if external:
-            os.replace(work / data_name, path.parent / data_name)
-        os.replace(final, path)
-        log(f"wrote {path} ({used} exporter, opset {opset}{', external data ' + data_name if external else ''})")
-        return path
-    except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def _trace_model(graph: nn.Module, loaded: LoadedModel, work: Path, tap_names: list[str],
+                 steer_sizes: dict[str, int], options: ExportOptions,
+                 log: Callable[[str], None]) -> tuple[onnx.ModelProto, str]:
+    """Trace `graph` into `work` and load it back whole: (onnx.ModelProto, the exporter that ran)."""
+    import onnx
+
+    spec = loaded.input_spec
+    example = torch.randn(2, spec.channels, spec.height, spec.width)
+    per_image = options.steer_layout == "per_image"
+    steers = [torch.ones(2, size) if per_image else torch.ones(size) for size in steer_sizes.values()]
+    input_names = [INPUT_NAME, *[steer_input_name(p) for p in steer_sizes]]
+    output_names = [output_name(loaded), *tap_names]
+    raw = work / "raw.onnx"
+    used = _trace(graph, (example, steers), raw, input_names, output_names, options, log)
+    return onnx.load(str(raw), load_external_data=True), used
+
+
+def _write_model(proto: onnx.ModelProto, path: Path, work: Path, external_data: bool | None) -> bool:
+    """Save `proto` in `work`, check it, move it (weights file first) into place with the usual mode.
+
+    `proto` is cleared once saved: a > 2 GB model must not stay in memory while the checker
+    reads the file again. Returns whether the weights went to `<name>.data`.
+    """
+    import onnx
+
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    staged, data_name = work / path.name, f"{path.name}.data"
+    onnx.save_model(proto, str(staged), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    proto.Clear()
+    _check(staged)
+    if external:
+        write_file_atomic(path.with_name(data_name), lambda temp: os.replace(work / data_name, temp), ExportError)
+    write_file_atomic(path, lambda temp: os.replace(staged, temp), ExportError)
+    return external
+
+
+def _written(path: Path, exporter: str, opset: int, external: bool) -> str:
+    return f"wrote {path} ({exporter} exporter, opset {opset}{f', external data {path.name}.data' if external else ''})"
 
 
 def _trace(graph: nn.Module, args: tuple, target: Path, input_names: list[str], output_names: list[str],
-           steer_layout: str, opset: int, exporter: str, log: Callable[[str], None]) -> str:
+           options: ExportOptions, log: Callable[[str], None]) -> str:
     """Run the exporter; returns which one produced `target`."""
-    if exporter in ("auto", "dynamo"):
+    if options.exporter in ("auto", "dynamo"):
         try:
-            _run_dynamo(graph, args, target, input_names, output_names, steer_layout, opset)
+            _run_dynamo(graph, args, target, input_names, output_names, options)
             return "dynamo"
         except EludeError:
             raise
         except Exception as exc:  # any exporter failure: torch.export is strict about Python control flow
             reason = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            if exporter == "dynamo":
+            if options.exporter == "dynamo":
                 raise ExportError(f"the dynamo ONNX exporter failed: {reason}") from exc
             log(f"note: the dynamo exporter failed ({reason}); falling back to the TorchScript exporter")
     try:
-        _run_torchscript(graph, args, target, input_names, output_names, steer_layout, opset)
+        _run_torchscript(graph, args, target, input_names, output_names, options)
     except EludeError:
         raise
     except Exception as exc:
@@ -326,29 +322,27 @@ def _quiet():
 
 
 def _run_dynamo(graph: nn.Module, args: tuple, target: Path, input_names: list[str], output_names: list[str],
-                steer_layout: str, opset: int) -> None:
-    batch = torch.export.Dim("batch")
+                options: ExportOptions) -> None:
+    batch = torch.export.Dim(BATCH_DIM)
     # per-image steers are traced with the image batch and renamed to their own axis afterwards: the
     # graph only broadcasts them, so a (1, S) default serves any batch
-    steer_shapes = [None if steer_layout == "shared" else {0: batch} for _ in args[1]]
+    steer_shapes = [None if options.steer_layout == "shared" else {0: batch} for _ in args[1]]
     with _quiet():
         program = torch.onnx.export(graph, args, None, dynamo=True, input_names=input_names,
-                                    output_names=output_names, opset_version=opset,
+                                    output_names=output_names, opset_version=options.opset,
                                     dynamic_shapes=({0: batch}, steer_shapes), external_data=True)
         program.save(str(target), external_data=True)
 
 
 def _run_torchscript(graph: nn.Module, args: tuple, target: Path, input_names: list[str],
-                     output_names: list[str], steer_layout: str, opset: int) -> None:
-    if steer_layout == "per_image":
+                     output_names: list[str], options: ExportOptions) -> None:
+    if options.steer_layout == "per_image":
         # its traced graph ties steer rows to the image batch (onnxruntime then fails on a (1, S) steer)
         raise ExportError("per-image steer inputs need the dynamo exporter (use --exporter dynamo)")
     axes = {name: {0: BATCH_DIM} for name in [input_names[0], *output_names]}
-    if steer_layout == "per_image":
-        axes.update({name: {0: STEER_BATCH_DIM} for name in input_names[1:]})
     with _quiet(), torch.no_grad():
         torch.onnx.export(graph, args, str(target), dynamo=False, input_names=input_names,
-                          output_names=output_names, opset_version=opset, dynamic_axes=axes)
+                          output_names=output_names, opset_version=options.opset, dynamic_axes=axes)
 
 
 def _rename_batch_dims(proto, steer_sizes: dict[str, int], steer_layout: str = "shared") -> None:
@@ -388,7 +382,7 @@ def _finalize(proto, contract: OnnxContract, steer_sizes: dict[str, int], steer_
         proto.graph.initializer.append(numpy_helper.from_array(np.ones(shape, dtype=np.float32), name))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, contract.to_metadata_props())
-    proto.producer_name = "elude-export"
+    proto.producer_name = PRODUCER
     proto.doc_string = (f"ELUDe disentangled {contract.model_name}: taps "
                         f"{', '.join(t.output for t in contract.taps) or 'none'}; steer inputs default to ones")
 

@@ -5,6 +5,9 @@
     DIR/<name>/1/model.py             (python backend only: runs model.onnx with onnxruntime)
 
 Everything comes from the `.onnx` file alone (its graph interface and `elude.*` metadata).
+The model folder is staged and swapped in whole (`artifacts.atomic_directory`) with the usual
+permissions (0755 folders, 0644 files under a 022 umask): the Triton server often runs as
+another user than the one who exported.
 With `max_batch_size > 0` Triton gives every tensor a leading batch axis, so steer inputs
 must be per image (`steer_layout="per_image"`: shape (steer_batch, n_subunits) with a
 (1, n_subunits) default); they are declared `optional: true`, and the dynamic batcher only
@@ -16,13 +19,12 @@ Triton's own `ModelConfig` schema.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from elude_export.artifacts import atomic_directory
 from elude_export.errors import ExportError
 from elude_export.export.contract import read_contract
 
@@ -117,12 +119,11 @@ def write_triton_repository(
         raise ExportError(f"cannot build a Triton repository from {onnx_path}: {exc}") from exc
     inputs, outputs = graph_tensors(onnx_path)
     steer_names = {layer.steer_input for layer in contract.layers if layer.steer_input}
-    layout = contract.export.get("steer_layout", "shared")
     if max_batch_size > 0:
-        if steer_names and layout != "per_image":
+        if steer_names and contract.export.steer_layout != "per_image":
             raise ExportError("steer inputs of shape (n_subunits,) cannot be batched by Triton; export with "
-                              "per-image steers (export_onnx(..., steer_layout='per_image'), which "
-                              "`elude export --triton-repo` does)")
+                              "per-image steers (export_onnx(..., options=ExportOptions(steer_layout='per_image')), "
+                              "which `elude export --triton-repo` does)")
         for spec in inputs + outputs:
             if not spec.dims or spec.dims[0] != -1:
                 raise ExportError(f"tensor {spec.name} has no variable batch axis; use max_batch_size 0")
@@ -132,11 +133,11 @@ def write_triton_repository(
                        max_queue_delay_us, parameters)
     try:
         repository.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repository))
     except OSError as exc:
         raise ExportError(f"cannot write Triton repository {repository}: {exc.strerror}") from exc
-    try:
-        version = work / "1"
+    target = repository / name
+    with atomic_directory(target, ExportError) as stage:  # usual folder/file modes: Triton may run as another user
+        version = stage / "1"
         version.mkdir()
         shutil.copyfile(onnx_path, version / "model.onnx")
         data = onnx_path.with_name(onnx_path.name + ".data")
@@ -144,23 +145,5 @@ def write_triton_repository(
             shutil.copyfile(data, version / data.name)
         if backend == "python":
             shutil.copyfile(PYTHON_MODEL, version / "model.py")
-        (work / "config.pbtxt").write_text(text)
-        target = repository / name
-        _replace_dir(work, target)
-        return target
-    except OSError as exc:
-        raise ExportError(f"cannot write Triton repository {repository}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Swap a finished folder into place; an older model folder is removed only afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        (stage / "config.pbtxt").write_text(text)
+    return target

@@ -37,7 +37,10 @@ class TritonPythonModel:
         options.log_severity_level = 3  # steer initializers that are also inputs warn by design
         providers: list = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args.get("model_instance_device_id", 0))}))
+            # TF32 off, as elude_export.export.ort_session does (it cannot be imported here): served
+            # outputs are the ones `elude validate` measured
+            device = int(args.get("model_instance_device_id", 0))
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device, "use_tf32": "0"}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.outputs = [output["name"] for output in config["output"]]
         self.steers = {init.name: int(init.shape[-1]) for init in self.session.get_overridable_initializers()

@@ -1,8 +1,12 @@
 """Validate an export: the PyTorch model vs the `.onnx` under onnxruntime, output by output.
 
-Like Optimum's `validate_model_outputs`: every output gets one ✓/✗ line with its max
-absolute and relative error, the share of bitwise-equal elements and (classifiers) top-1
-agreement. Three groups of checks, on the same held-out images plus random inputs:
+Like Optimum's `validate_model_outputs`, in two steps. First the graph interface
+(`interface.check_interface`: exactly the contract's output names, the `batch` / `steer_batch`
+dynamic axes, sizes), each failure kind a typed `ValidationError`. Then the values: every
+output gets one ✓/✗ line with its max absolute and relative error, the share of
+bitwise-equal elements and (classifiers) top-1 agreement; a failed comparison is reported
+(and the CLI raises `ValueMismatchError`). Three groups of value checks, on the same
+held-out images plus random inputs:
 - original outputs (default steers) vs the original PyTorch model: the export is lossless;
 - taps vs the PyTorch rewrite (same plan, mode and router as the export);
 - steering: one sub-unit's steer set to 0 in both, all outputs compared again.
@@ -24,9 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +35,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from elude_export.artifacts import json_safe, write_json_atomic
 from elude_export.models import model_batches
 from elude_export.compare import Comparison, compare
 from elude_export.errors import ValidationError
 from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.export.contract import INPUT_NAME, OnnxContract, read_contract
+from elude_export.export.interface import check_interface
+from elude_export.export.ort_session import CPU, CUDA, open_session
 from elude_export.plan import Plan
 from elude_export.rewrite import apply_plan, configure_layer_taps, disentangled_layers, read_taps, set_steers
 from elude_export.data.sources import ImageSource
+from elude_export.vocabulary import TOKEN_TAP
 
-TOLERANCES = {"CPUExecutionProvider": (1e-5, 1e-4), "CUDAExecutionProvider": (1e-4, 1e-3)}
-PROVIDERS = ("auto", "cuda", "cpu")
+TOLERANCES = {CPU: (1e-5, 1e-4), CUDA: (1e-4, 1e-3)}
 TIE_RTOL = 1e-3  # routing margin, relative to the scores' size, below which a backend may route differently
 
 
@@ -100,7 +104,7 @@ class ValidationReport:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return _finite({
+        return json_safe({
             "ok": self.ok, "onnx": self.onnx_path, "provider": self.provider,
             "requested_provider": self.requested_provider, "available_providers": self.available_providers,
             "data": self.data, "images": self.n_images, "random_inputs": self.n_random,
@@ -115,70 +119,12 @@ class ValidationReport:
         return json.dumps(self.as_dict(), indent=2)
 
     def write_json(self, path: str | Path) -> Path:
-        """Atomic write: a reader never sees half a report."""
-        path = Path(path)
-        try:
-            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError as exc:
-            raise ValidationError(f"cannot write report {path}: {exc.strerror}") from exc
-        try:
-            with os.fdopen(handle, "w") as stream:
-                stream.write(self.to_json())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        return path
+        """Atomic, with the usual permissions: a reader never sees half a report."""
+        return write_json_atomic(path, self.as_dict(), ValidationError)
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: report them as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def session_providers(provider: str) -> list:
-    """Execution providers to ask onnxruntime for: auto = CUDA when this onnxruntime has it."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise ValidationError(f"unknown provider '{provider}' (use {', '.join(PROVIDERS)})")
-    available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
-    if provider == "cuda" and not has_cuda:
-        raise ValidationError(
-            f"--provider cuda: this onnxruntime has no CUDAExecutionProvider (available: {', '.join(available)}); "
-            "install the gpu extra: pip install 'elude-export[gpu]'")
-    if provider == "cpu" or not has_cuda:
-        return ["CPUExecutionProvider"]
-    # TF32 would trade 1e-3 relative error for speed: validation wants fp32
-    return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
-
-
-def open_session(onnx_path: str | Path, provider: str = "auto", threads: int = 0):
-    """(session, provider that actually runs): onnxruntime silently falls back to CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # steer initializers that are also inputs warn by design
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=session_providers(provider))
-    except ValidationError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-        raise ValidationError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
-    actual = session.get_providers()[0]
-    if provider == "cuda" and actual != "CUDAExecutionProvider":
-        raise ValidationError(f"CUDA execution provider requested but onnxruntime fell back to {actual} "
-                              "(CUDA/cuDNN libraries missing or incompatible)")
-    return session, actual
+class ValueMismatchError(ValidationError):
+    """The exported model's values differ from PyTorch beyond tolerance (the report's ✗ lines)."""
 
 
 def load_checked_contract(onnx_path: str | Path, loaded: LoadedModel, plan: Plan) -> OnnxContract:
@@ -204,10 +150,9 @@ def load_checked_contract(onnx_path: str | Path, loaded: LoadedModel, plan: Plan
 
 def reference_rewrite(loaded: LoadedModel, plan: Plan, contract: OnnxContract) -> torch.nn.Module:
     """The PyTorch rewrite the export was traced from: same layers, mode, router and taps."""
-    export = contract.export
-    model = apply_plan(loaded.model, plan, mode=export.get("mode", "fused"),
-                       layers=[layer.path for layer in contract.layers], low_rank=bool(export.get("low_rank", True)),
-                       poolings=())
+    options = contract.export
+    model = apply_plan(loaded.model, plan, mode=options.mode, layers=[layer.path for layer in contract.layers],
+                       low_rank=options.low_rank, poolings=())
     kinds: dict[str, list[str]] = {}
     for tap in contract.taps:
         kinds.setdefault(tap.layer, []).append(tap.pooling)
@@ -244,10 +189,13 @@ def validate_export(
     check_steering: bool = True,
     seed: int = 0,
 ) -> ValidationReport:
-    """Run PyTorch and onnxruntime on the same inputs; compare every output, tap and a steer."""
+    """Check the graph interface, then run PyTorch and onnxruntime on the same inputs and compare
+    every output, tap and a steer. Interface failures raise (typed); value failures are reported."""
     contract = load_checked_contract(onnx_path, loaded, plan)
-    session, actual = open_session(onnx_path, provider)
-    default_atol, default_rtol = TOLERANCES.get(actual, TOLERANCES["CUDAExecutionProvider"])
+    check_interface(onnx_path, contract)
+    session = open_session(onnx_path, provider, ValidationError)
+    actual = session.get_providers()[0]
+    default_atol, default_rtol = TOLERANCES.get(actual, TOLERANCES[CUDA])
     import onnxruntime as ort
 
     report = ValidationReport(
@@ -256,18 +204,14 @@ def validate_export(
         n_images=0, n_random=n_random, atol=default_atol if atol is None else atol,
         rtol=default_rtol if rtol is None else rtol,
     )
-    if provider == "auto" and actual != "CUDAExecutionProvider":
+    if provider == "auto" and actual != CUDA:
         report.notes.append("no CUDA execution provider in this onnxruntime: validated on CPU")
 
     batches = _inputs(loaded, source, n_images, n_random, batch_size, seed)
     report.n_images = sum(len(b) for b in batches) - n_random
     if not batches:
         raise ValidationError("no inputs to validate on: give images (--data) or random inputs (--random)")
-    session_outputs = [o.name for o in session.get_outputs()]
     expected = contract.outputs + [tap.output for tap in contract.taps]
-    missing = [name for name in expected if name not in session_outputs]
-    if missing:
-        raise ValidationError(f"{onnx_path} lacks outputs its metadata names: {', '.join(missing)}")
 
     rewritten = reference_rewrite(loaded, plan, contract)
     classifier = loaded.num_classes > 0
@@ -309,7 +253,7 @@ def _without_ties(tap, contract: OnnxContract, ties: dict[str, np.ndarray], refe
     if tie is None or reference.shape != candidate.shape:  # a shape mismatch must stay visible
         return reference, candidate, 0
     parent = np.asarray(contract.layer(tap.layer).unit)
-    if tap.pooling == "tokens":
+    if tap.pooling == TOKEN_TAP:
         mask = tie[..., parent] if tie.ndim == 3 else tie[:, None, parent]
     else:
         mask = (tie.any(1) if tie.ndim == 3 else tie)[:, parent]
@@ -327,7 +271,7 @@ def _check_steering(report: ValidationReport, contract: OnnxContract, rewritten:
     if not candidates:
         report.notes.append("no steerable split sub-unit in this export: steering not checked")
         return
-    layout = contract.export.get("steer_layout", "shared")
+    layout = contract.export.steer_layout
     main = contract.outputs[0]
     for path, column in candidates:
         info = contract.layer(path)
