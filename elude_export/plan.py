@@ -22,7 +22,8 @@ from elude_export.errors import PlanError
 from elude_export.models.spec import InputSpec
 from elude_export.vocabulary import subunit_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the routing context is chosen per layer (1: one for the whole plan)
+READABLE_SCHEMAS = (1, 2)
 FORMAT_NAME = "elude-plan"
 STAT_NAMES = ("threshold", "fire_rate", "mean", "quantiles", "bin_fraction")
 
@@ -40,6 +41,7 @@ class LayerPlan:
     router_a: torch.Tensor | None = None  # (Hs*Kmax, r) optional low-rank factors of router
     router_b: torch.Tensor | None = None  # (r, d)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    context_token: str = "mean"  # what this layer's context router reads: "cls" or "mean" (CONTEXT_TOKENS)
 
     @property
     def n_units(self) -> int:
@@ -100,7 +102,6 @@ class Plan:
     model_fingerprint: str
     input_spec: InputSpec
     router: str  # "context" or "token"
-    context_token: str  # "cls" or "mean"
     fit_config: dict[str, Any] = field(default_factory=dict)
     quantile_levels: tuple[float, ...] = ()
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -126,27 +127,29 @@ class Plan:
             "model": {"name": self.model_name, "fingerprint": self.model_fingerprint,
                       "input": json.loads(self.input_spec.to_json())},
             "router": self.router,
-            "context_token": self.context_token,
             "fit": self.fit_config,
             "quantile_levels": list(self.quantile_levels),
             "layers": [
                 {"path": l.path, "kind": l.kind, "n_units": l.n_units, "n_subunits": l.n_subunits,
                  "n_split": int(l.split_units.numel()), "k_max": l.k_max, "d_in": l.d_in,
                  "low_rank": None if l.router_b is None else int(l.router_b.shape[0]),
+                 "context_token": l.context_token,
                  "subunits": l.subunit_names()}
                 for l in self.layers
             ],
         }
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, schema_version: int = SCHEMA_VERSION) -> str:
         """sha256 of the plan's tensors and settings: names the plan an export was built from."""
         digest = hashlib.sha256()
         for layer in self.layers:
             for key, tensor in sorted(layer.tensors().items()):
                 digest.update(key.encode())
                 digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        digest.update(json.dumps({"fit": self.fit_config, "model": self.model_fingerprint,
-                                  "router": self.router}, sort_keys=True).encode())
+        settings = {"fit": self.fit_config, "model": self.model_fingerprint, "router": self.router}
+        if schema_version >= 2:
+            settings["context_tokens"] = [layer.context_token for layer in self.layers]
+        digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()
 
     def save(self, path: str | Path) -> Path:
@@ -180,8 +183,9 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if manifest.get("format") != FORMAT_NAME:
         raise PlanError(f"{path}: not an ELUDe plan (format {manifest.get('format')!r})")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise PlanError(f"{path}: plan schema version {version!r} is not supported (this tool reads {SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMAS:
+        raise PlanError(f"{path}: plan schema version {version!r} is not supported (this tool reads "
+                        f"{', '.join(map(str, READABLE_SCHEMAS))}); refit the plan with this version")
     return manifest, metadata
 
 
@@ -201,6 +205,7 @@ def load_plan(path: str | Path) -> Plan:
     if not path.is_file():
         raise PlanError(f"plan not found: {path}")
     manifest, metadata = _read_manifest(path)
+    version = int(manifest["schema_version"])
     try:
         tensors = load_file(str(path))
     except Exception as exc:
@@ -215,6 +220,8 @@ def load_plan(path: str | Path) -> Plan:
                 centroids=tensors[f"{prefix}.centroids"], router_a=tensors.get(f"{prefix}.router_a"),
                 router_b=tensors.get(f"{prefix}.router_b"),
                 stats={n: tensors[f"{prefix}.stat.{n}"] for n in STAT_NAMES if f"{prefix}.stat.{n}" in tensors},
+                # schema 1 plans chose one context for all layers
+                context_token=entry["context_token"] if version >= 2 else manifest["context_token"],
             )
         except KeyError as exc:
             raise PlanError(f"{path}: plan is missing tensor {exc} for layer {prefix}") from exc
@@ -225,9 +232,9 @@ def load_plan(path: str | Path) -> Plan:
     plan = Plan(
         layers=layers, model_name=model["name"], model_fingerprint=model["fingerprint"],
         input_spec=InputSpec.from_json(json.dumps(model["input"])), router=manifest["router"],
-        context_token=manifest["context_token"], fit_config=manifest.get("fit", {}),
+        fit_config=manifest.get("fit", {}),
         quantile_levels=tuple(manifest.get("quantile_levels", ())), created=manifest.get("created", ""),
     )
-    if metadata.get("fingerprint") != plan.fingerprint():
+    if metadata.get("fingerprint") != plan.fingerprint(version):
         raise PlanError(f"{path}: plan contents do not match their fingerprint (file modified or corrupt)")
     return plan

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from elude_export.layers import context_token_of
 from elude_export.layers import find_layers
 from elude_export.models import InputSpec, fingerprint_model
 from elude_export.plan import LayerPlan, Plan
@@ -24,8 +23,9 @@ def random_plan(model: nn.Module, spec: InputSpec, router: str = "context", k_ma
         width = int(k.max())
         rows = torch.randn(len(split), width, d_in, generator=generator)
         rows *= (torch.arange(width)[None, :] < k[split][:, None]).unsqueeze(-1)
-        layer_plans.append(LayerPlan(layer.path, layer.kind, k, split, rows, torch.nn.functional.normalize(rows, dim=-1)))
-    return Plan(layer_plans, "test-model", fingerprint_model(model), spec, router, context_token_of(model))
+        layer_plans.append(LayerPlan(layer.path, layer.kind, k, split, rows, torch.nn.functional.normalize(rows, dim=-1),
+                                     context_token=layer.context_token))
+    return Plan(layer_plans, "test-model", fingerprint_model(model), spec, router)
 
 
 def small_fitted_plan(seed: int, layer: str, k_max: int):

@@ -95,3 +95,26 @@ def test_save_refuses_bad_destinations(plan, tmp_path: Path) -> None:
         plan.save(tmp_path / "no" / "such" / "plan.safetensors")
     with pytest.raises(PlanError, match="directory"):
         plan.save(tmp_path)
+
+
+def test_schema_1_plans_load_with_their_single_context_for_every_layer(plan, tmp_path: Path) -> None:
+    """Plans written before the context was chosen per layer keep working (and keep their fingerprint check)."""
+    from safetensors.torch import load_file, save_file
+
+    for layer in plan.layers:
+        layer.context_token = "cls"
+    path = plan.save(tmp_path / "plan.safetensors")
+    manifest = read_manifest(path)
+    manifest["schema_version"] = 1
+    manifest["context_token"] = "cls"
+    for entry in manifest["layers"]:
+        del entry["context_token"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"manifest": json.dumps(manifest),
+                                                        "fingerprint": plan.fingerprint(schema_version=1)})
+    loaded = load_plan(old)
+    assert [layer.context_token for layer in loaded.layers] == ["cls"] * len(plan.layers)
+    assert loaded.fingerprint(schema_version=1) == plan.fingerprint(schema_version=1)
+    # the per-layer context is part of a schema 2 fingerprint: changing it is a different plan
+    plan.layers[0].context_token = "mean"
+    assert plan.fingerprint() != loaded.fingerprint()

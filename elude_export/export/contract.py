@@ -29,6 +29,10 @@ metadata_props keys (all JSON strings unless noted)
   inputs are (n_subunits,) as above; `per_image`: (steer_batch, n_subunits), default
   (1, n_subunits), one row per image or one row for all (the layout a batching server such as
   Triton needs).
+- `elude.labels` (optional; absent when the plan was not labelled): {sub-unit or unit name:
+  {"text": short human-readable label, e.g. "red circle (0.91)", plus optional "dominant",
+  "share", "ci", "runner_up", "top_images", "n"}}; what `elude label` computed from a labelled
+  set. Readers treat a missing key as "unlabelled".
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ import numpy as np
 
 from elude_export.errors import ExportError
 from elude_export.export.options import ExportOptions
-# re-exported: serving.monitoring and tests/serving_fixtures.py still import them from here
 
 SCHEMA_VERSION = 1
 INPUT_NAME = "input"
@@ -81,6 +84,23 @@ class LayerBaseline:
 
 
 @dataclass
+class SubunitLabel:
+    """What a unit or sub-unit fires on, as measured on a labelled set (`elude label`)."""
+
+    text: str  # short, for people: "red circle (0.91)"; "unlabelled" when nothing dominates
+    dominant: str | None = None  # the dominant class / concept name
+    share: float | None = None  # its share of the top-n images
+    ci: list[float] | None = None  # confidence interval of the share
+    runner_up: str | None = None
+    top_images: list[int] = field(default_factory=list)  # ids of a few top images in the labelled set
+    n: int = 0  # top-n images the label was computed from
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "SubunitLabel":
+        return cls(**{key: raw[key] for key in raw if key in cls.__dataclass_fields__})
+
+
+@dataclass
 class OnnxContract:
     model_name: str
     model_fingerprint: str
@@ -95,6 +115,12 @@ class OnnxContract:
     versions: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     export: ExportOptions = field(default_factory=ExportOptions)
+    labels: dict[str, SubunitLabel] = field(default_factory=dict)  # name -> label; empty if unlabelled
+
+    def label_text(self, name: str) -> str | None:
+        """The short label of a sub-unit (or unit) name, None when the export carries none."""
+        label = self.labels.get(name)
+        return label.text if label is not None else None
 
     def layer(self, path: str) -> LayerInfo:
         for info in self.layers:
@@ -125,6 +151,8 @@ class OnnxContract:
             f"{PREFIX}baseline": json.dumps(baseline),
             f"{PREFIX}versions": json.dumps(self.versions),
             f"{PREFIX}export": self.export.to_json(),
+            **({f"{PREFIX}labels": json.dumps({name: vars(label) for name, label in self.labels.items()})}
+               if self.labels else {}),
         }
 
     @classmethod
@@ -155,6 +183,8 @@ class OnnxContract:
                 versions=json.loads(props.get(f"{PREFIX}versions", "{}")),
                 schema_version=int(version),
                 export=ExportOptions.from_json(props.get(f"{PREFIX}export")),
+                labels={name: SubunitLabel.from_json(raw)
+                        for name, raw in json.loads(props.get(f"{PREFIX}labels", "{}")).items()},
             )
         except (KeyError, TypeError, json.JSONDecodeError, ExportError) as exc:
             raise ValueError(f"malformed ELUDe metadata: {exc}") from exc

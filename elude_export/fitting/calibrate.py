@@ -19,7 +19,7 @@ from torch import nn
 
 from elude_export.errors import DataError
 from elude_export.data.sources import ImageSource
-from elude_export.layers import NeuronLayer, context_token_of, context_vector
+from elude_export.layers import NeuronLayer, context_vector
 from elude_export.models import InputSpec, model_batches
 from elude_export.vocabulary import ROUTERS
 
@@ -46,10 +46,10 @@ class LayerActivations:
 class _TopMStream:
     """Running top-M per unit for one layer, fed from forward hooks."""
 
-    def __init__(self, layer: NeuronLayer, router: str, context_token: str, top_m: int, per_image_cap: int):
+    def __init__(self, layer: NeuronLayer, router: str, top_m: int, per_image_cap: int):
         self.layer = layer
         self.router = router
-        self.context_token = context_token
+        self.context_token = layer.context_token
         self.top_m = top_m
         self.cap = per_image_cap
         self.values: torch.Tensor | None = None
@@ -148,11 +148,10 @@ def collect_activations(
         raise DataError(f"unknown router '{router}' (use {' or '.join(ROUTERS)})")
     device = torch.device(device)
     dtype = next(model.parameters()).dtype
-    context_token = context_token_of(model)
     results: dict[str, LayerActivations] = {}
     passes = _layer_passes(layers, router, top_m, max_buffer_bytes)
     for number, group in enumerate(passes):
-        streams = [_TopMStream(layer, router, context_token, top_m, per_image_cap) for layer in group]
+        streams = [_TopMStream(layer, router, top_m, per_image_cap) for layer in group]
         handles = []
         for stream in streams:
             handles.append(stream.layer.module.register_forward_pre_hook(stream.on_input))

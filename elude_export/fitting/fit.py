@@ -13,7 +13,7 @@ from elude_export.errors import DataError
 from elude_export.fitting.calibrate import collect_activations
 from elude_export.fitting.routers import fit_layer
 from elude_export.fitting.statistics import QUANTILE_LEVELS, subunit_statistics
-from elude_export.layers import context_token_of, find_layers
+from elude_export.layers import find_layers
 from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.plan import Plan
 
@@ -85,7 +85,7 @@ def fit(
 
     plan = Plan(
         layers=layer_plans, model_name=loaded.name, model_fingerprint=fingerprint_model(loaded.model),
-        input_spec=loaded.input_spec, router=config.router, context_token=context_token_of(model),
+        input_spec=loaded.input_spec, router=config.router,
         fit_config={**asdict(config), "n_images": n_images}, quantile_levels=QUANTILE_LEVELS,
     )
     started = time.perf_counter()

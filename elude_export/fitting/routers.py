@@ -47,7 +47,8 @@ def fit_layer(layer: NeuronLayer, acts: LayerActivations, config: FitConfig, dev
     k_max = int(k.max()) if split.numel() else 1
     split_centroids = all_centroids[split, :k_max].contiguous()
     router = split_centroids * weights[split][:, None, :]
-    plan = LayerPlan(layer.path, layer.kind, k.long(), split.long(), router.contiguous(), split_centroids)
+    plan = LayerPlan(layer.path, layer.kind, k.long(), split.long(), router.contiguous(), split_centroids,
+                     context_token=layer.context_token)
     if config.router_rank and split.numel():
         plan.router_a, plan.router_b = low_rank_factors(router.reshape(-1, d_in), config.router_rank)
     return plan

@@ -33,6 +33,7 @@ class NeuronLayer:
     consumer_name: str
     unit_weight_fn: Callable[[nn.Module], torch.Tensor]
     signed: bool = False  # gated units are signed: rank them by |h|
+    context_token: str = "mean"  # the routing context this layer sees (layers/context.py decides)
 
     @property
     def consumer(self) -> nn.Linear:

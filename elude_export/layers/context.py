@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def context_token_of(model: nn.Module) -> str:
+def context_token_of(model: nn.Module, layer_path: str | None = None) -> str:
     """'cls' when the model prepends a class token at index 0, else 'mean'."""
     return "cls" if getattr(model, "cls_token", None) is not None else "mean"
 

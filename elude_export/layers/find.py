@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 
 from torch import nn
 
 from elude_export.errors import LayerMatchError
 from elude_export.layers import generic, timm_mlp  # noqa: F401  (importing registers the adapters)
 from elude_export.layers.base import ADAPTERS, NeuronLayer
+from elude_export.layers.context import context_token_of
 
 
 def describe_layer(path: str, module: nn.Module, explicit: bool = False) -> NeuronLayer | None:
@@ -25,7 +27,12 @@ def find_layers(model: nn.Module, patterns: list[str] | tuple[str, ...] | None =
 
     Every pattern must match at least one module, and every matched module must be a neuron
     layer: silent partial matches would fit a different plan from the one the user asked for.
+    Each layer carries the routing context it sees (`layers/context.py`).
     """
+    return [replace(layer, context_token=context_token_of(model, layer.path)) for layer in _match(model, patterns)]
+
+
+def _match(model: nn.Module, patterns: list[str] | tuple[str, ...] | None) -> list[NeuronLayer]:
     modules = dict(model.named_modules())
     if not patterns:
         found = _auto_layers(modules)

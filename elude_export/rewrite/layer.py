@@ -19,7 +19,7 @@ class DisentangledLayer(nn.Module):
         self.path = layer.path
         self.subunit_names = layer.subunit_names()
         self.consumer_name = consumer_name
-        self.router = SubunitRouter(layer, plan.router, plan.context_token, low_rank)
+        self.router = SubunitRouter(layer, plan.router, layer.context_token, low_rank)
         consumer = SubunitConsumer(getattr(module, consumer_name), layer, mode)
         setattr(module, consumer_name, consumer)
         self.inner = module

@@ -72,7 +72,7 @@ def random_split_plan(plan: Plan, model: nn.Module, seed: int = 0) -> Plan:
         directions = F.normalize(directions, dim=-1) * valid[..., None]
         router = directions * weights_of[layer.path][layer.split_units][:, None, :]
         layers.append(LayerPlan(layer.path, layer.kind, layer.k.clone(), layer.split_units.clone(),
-                                router.contiguous(), directions.contiguous()))
+                                router.contiguous(), directions.contiguous(), context_token=layer.context_token))
     control = copy.copy(plan)
     control.layers = layers
     control.fit_config = {**plan.fit_config, "control": f"random directions, seed {seed}"}
