@@ -7,7 +7,10 @@
 Scenarios (each `--seconds` long, monitoring always on in the server):
 - direct session, batch 8 and batch 1 (the ceiling);
 - server, v2 binary requests of 8 images (max_batch 8);
-- server, v2 binary requests of 1 image from many clients, micro-batched up to 8.
+- server, v2 binary requests of 1 image from many clients, micro-batched up to 8;
+- server over gRPC (`inference.GRPCInferenceService/ModelInfer`, raw tensors), requests of 8 images;
+- health latency while 4 clients send JSON requests of 64 images (the event loop must stay free:
+  target p99 < 20 ms).
 The server runs as a separate process (`python -m serving`) so that the load generator does not
 share its GIL; clients are threads with keep-alive `http.client` connections sending pre-encoded
 requests. Reports images/s, request latency p50/p99, errors and the server's RSS before/after.
@@ -126,26 +129,106 @@ def bench_server(port: int, model: str, x: np.ndarray, clients: int, seconds: fl
                 errors[index] += 1
         connection.close()
 
+    return _run_clients(client, clients, seconds, pid, latencies, errors, len(x), start, stop_at)
+
+
+def encode_grpc_request(model: str, x: np.ndarray) -> bytes:
+    """A serialised ModelInferRequest (raw input contents, logits only), encoded once like the REST body."""
+    from serving.grpc_proto import grpc_predict_v2_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.outputs.add(name="logits")
+    request.raw_input_contents.append(x.astype(np.float32).tobytes())
+    return request.SerializeToString()
+
+
+def bench_grpc(port: int, model: str, x: np.ndarray, clients: int, seconds: float, pid: int) -> dict:
+    """Like `bench_server`, over gRPC: one channel per client, pre-serialised requests, bytes back."""
+    import grpc
+
+    body = encode_grpc_request(model, x)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def client(index: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+            for _ in range(3):
+                call(body, timeout=30)
+            start.wait()
+            while time.perf_counter() < stop_at[0]:
+                started = time.perf_counter()
+                try:
+                    call(body, timeout=30)
+                except grpc.RpcError:
+                    errors[index] += 1
+                latencies[index].append(time.perf_counter() - started)
+
+    return _run_clients(client, clients, seconds, pid, latencies, errors, len(x), start, stop_at)
+
+
+def _run_clients(client, clients: int, seconds: float, pid: int, latencies, errors, batch: int,
+                 start: threading.Barrier, stop_at: list[float]) -> dict:
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     stop_at[0] = time.perf_counter() + seconds + 60  # provisional, set for real once all are warm
     start.wait()
     began = time.perf_counter()
-    server_cpu, client_cpu = cpu_seconds(pid), cpu_seconds()
+    server_cpu, client_cpu, warm_rss = cpu_seconds(pid), cpu_seconds(), rss_mb(pid)
     stop_at[0] = began + seconds
     for thread in threads:
         thread.join(timeout=seconds + 60)
     elapsed = time.perf_counter() - began
     flat = [v for per in latencies for v in per]
-    return {"images": len(flat) * len(x), "elapsed": elapsed, "latencies": flat, "errors": sum(errors),
-            "cpu": cpu_seconds(pid) - server_cpu, "client_cpu": cpu_seconds() - client_cpu}
+    return {"images": len(flat) * batch, "elapsed": elapsed, "latencies": flat, "errors": sum(errors),
+            "cpu": cpu_seconds(pid) - server_cpu, "client_cpu": cpu_seconds() - client_cpu, "warm_rss": warm_rss}
 
 
-def start_server(path: Path, port: int, max_batch: int, timeout_ms: float, threads: int) -> subprocess.Popen:
+def health_under_json_load(port: int, model: str, x64: np.ndarray, seconds: float) -> dict:
+    """Health latency (ms) while 4 keep-alive clients send JSON requests of 64 images each."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x64.shape), "datatype": "FP32",
+                                   "data": x64.ravel().tolist()}]}).encode()
+    headers = {"Content-Type": "application/json"}
+    stop, served, failed = threading.Event(), [0], [0]
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while not stop.is_set():
+            connection.request("POST", f"/v2/models/{model}/infer", body, headers)
+            response = connection.getresponse()
+            response.read()
+            served[0] += 1
+            failed[0] += response.status != 200
+        connection.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    probe = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        probe.request("GET", "/v2/health/live")
+        probe.getresponse().read()
+        times.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    return {"p50": percentile(times, 50), "p99": percentile(times, 99), "max": 1000 * max(times),
+            "probes": len(times), "json_requests": served[0], "errors": failed[0]}
+
+
+def start_server(path: Path, port: int, max_batch: int, timeout_ms: float, threads: int,
+                 *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "serving", str(path), "--port", str(port), "--max-batch", str(max_batch),
                "--threads", str(threads),
-               "--batch-timeout-ms", str(timeout_ms), "--queue-size", "256", "--log-level", "warning"]
+               "--batch-timeout-ms", str(timeout_ms), "--queue-size", "256", "--log-level", "warning", *extra]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -225,19 +308,22 @@ def main() -> int:
     direct_spin = bench_direct(path, x8, args.seconds / 2, spinning=True, threads=args.threads)
     direct1 = bench_direct(path, x1, args.seconds / 2, spinning=False, threads=args.threads)
     lines = ["| scenario | images/s | throughput vs direct b8 | CPU ms/image (server) | CPU efficiency vs direct b8 "
-             "| client CPU ms/image | p50 ms | p99 ms | errors | server RSS MB before -> after |",
+             "| client CPU ms/image | p50 ms | p99 ms | errors | server RSS MB idle -> warm -> after |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     informational = [row("direct ORT session, batch 8, spinning threads (ORT default)", direct_spin, None),
                      row("direct ORT session, batch 1", direct1, None)]
-    for label, x, clients, max_batch, timeout_ms in (
-            ("server, requests of 8 images, 2 clients", x8, 2, 8, 1.0),
-            ("server, requests of 8 images, 4 clients", x8, 4, 8, 1.0),
-            ("server, requests of 1 image, 16 clients, micro-batched to 8", x1, 16, 8, 2.0)):
+    grpc_port = free_port()
+    for label, x, clients, max_batch, timeout_ms, bench in (
+            ("server, requests of 8 images, 2 clients", x8, 2, 8, 1.0, bench_server),
+            ("server, requests of 8 images, 4 clients", x8, 4, 8, 1.0, bench_server),
+            ("server, requests of 1 image, 16 clients, micro-batched to 8", x1, 16, 8, 2.0, bench_server),
+            ("server over gRPC, requests of 8 images, 4 clients", x8, 4, 8, 1.0, bench_grpc)):
         before_direct = bench_direct(path, x8, args.seconds / 2, spinning=False, threads=args.threads)
-        process = start_server(path, port, max_batch, timeout_ms, args.threads)
+        process = start_server(path, port, max_batch, timeout_ms, args.threads, "--grpc-port", str(grpc_port))
         try:
             before = rss_mb(process.pid)
-            result = bench_server(port, contract.model_name, x, clients, args.seconds, process.pid)
+            target = grpc_port if bench is bench_grpc else port
+            result = bench(target, contract.model_name, x, clients, args.seconds, process.pid)
             after = rss_mb(process.pid)
         finally:
             stop_server(process)
@@ -245,9 +331,19 @@ def main() -> int:
         paired = {k: before_direct[k] + after_direct[k] for k in ("images", "elapsed", "errors", "cpu")}
         paired["latencies"] = before_direct["latencies"] + after_direct["latencies"]
         lines.append(row("direct ORT session, batch 8 (runs around the next row)", paired, None))
-        lines.append(row(label, result, paired, f"{before:.0f} -> {after:.0f}"))
+        lines.append(row(label, result, paired, f"{before:.0f} -> {result['warm_rss']:.0f} -> {after:.0f}"))
     lines += informational
     print("\n".join(lines))
+
+    x64 = rng.standard_normal((64, spec["channels"], spec["height"], spec["width"])).astype(np.float32)
+    process = start_server(path, port, 64, 2.0, args.threads)
+    try:
+        health = health_under_json_load(port, contract.model_name, x64, args.seconds)
+    finally:
+        stop_server(process)
+    print(f"\nhealth while 4 clients send JSON requests of 64 images: p50 {health['p50']:.1f} ms, "
+          f"p99 {health['p99']:.1f} ms, max {health['max']:.1f} ms ({health['probes']} probes; "
+          f"{health['json_requests']} JSON requests, {health['errors']} errors; target p99 < 20 ms)")
     return 0
 
 

@@ -7,9 +7,13 @@ Modules (import what you need; `serving.monitoring` needs neither FastAPI nor uv
 - `batching`: micro-batching queue with overload protection
 - `drain`: bounded hand-off of tap outputs to the monitor's background thread
 - `errors`: request errors with their HTTP status and metric cause
-- `kserve`: v2 JSON + binary tensor wire format
+- `kserve`: v2 JSON + binary tensor wire format; `json_tensors`: big JSON arrays parsed in pieces;
+  `jsoncodec`: strict, fast JSON (orjson when installed)
+- `grpc_service`, `grpc_proto`: the v2 gRPC service (KServe's .proto, generated module)
+- `stats`, `triton_config`: Triton's statistics and model configuration extensions
+- `state`: the monitor's drift window saved to / restored from a file
 - `images`, `explain`: the image endpoint's preprocessing and answer
 - `monitoring`: Prometheus metrics and drift (also for Triton clients / sidecars)
-- `middleware`, `openapi`, `app`, `server`: the HTTP side
+- `middleware`, `connections`, `openapi`, `app`, `server`: the HTTP side (guards, timeouts)
 Run: `elude serve model.onnx` or `python -m serving model.onnx`.
 """

@@ -7,10 +7,15 @@ run is a 500, and its traceback goes to the server log, never to the client.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,17 +31,26 @@ from serving.config import ServeConfig
 from serving.drain import BackgroundDrain
 from serving.errors import BadRequest, NotFound, ServingError, UnsupportedMediaType
 from serving.explain import describe_images
-from serving.images import decode_image, preprocess
-from serving.kserve import HEADER_LENGTH, decode_content, parse_infer_request, encode_infer_response, parse_steer
-from serving.middleware import BearerAuth, BodyLimit, RequestMetrics
+from serving.images import ImageDecoder
+from serving.kserve import (HEADER_LENGTH, InferRequest, decode_content, encode_infer_response, parse_infer_request,
+                            parse_steer)
+from serving.middleware import BearerAuth, BodyLimit, InFlightLimit, RequestMetrics
 from serving.monitoring import FeatureMonitor, ServingMetrics
 from serving.openapi import ERROR_RESPONSES, IMAGE_REQUEST, infer_paths
-from serving.runtime import ModelRuntime, Steering
+from serving.runtime import ModelRuntime, Steering, require_finite
+from serving.state import StateSaver, restore_state
+from serving.stats import ModelStats, RequestTiming
+from serving.triton_config import model_config
 
 log = logging.getLogger("elude.serving")
+T = TypeVar("T")
 SERVER_NAME = "elude-serve"
 MODEL_VERSION = "1"
 IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "application/octet-stream"}
+# exactly what this server implements (Triton names for the Triton extensions)
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "elude_steering", "elude_monitoring"]
+# JSON bodies above this size are parsed and encoded on a worker thread, off the event loop
+OFFLOAD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -48,6 +62,15 @@ class AppState:
     registry: CollectorRegistry
     metrics: ServingMetrics
     monitor: FeatureMonitor
+    stats: ModelStats
+    decoder: ImageDecoder
+    # one thread for JSON parsing/encoding: CPU-bound work holding the GIL, so more threads only
+    # add contenders that the event loop must wait behind (health latency), never throughput
+    json_thread: ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="elude-json"))
+
+    async def off_loop(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.json_thread, fn)
 
     @property
     def max_request_images(self) -> int:
@@ -58,6 +81,34 @@ class AppState:
             raise NotFound(f"unknown model '{name}' (this server serves '{self.runtime.name}')")
         if version not in (None, "", MODEL_VERSION):
             raise NotFound(f"unknown version '{version}' of model '{name}' (versions: {MODEL_VERSION})")
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self) -> dict:
+        runtime = self.runtime
+        return {"name": runtime.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
+                "inputs": [spec.to_v2() for spec in runtime.inputs.values()],
+                "outputs": [spec.to_v2() for spec in runtime.outputs.values()]}
+
+    async def handle(self, parse: Callable[[], Awaitable[InferRequest]],
+                     encode: Callable[[InferRequest, dict], Awaitable[T]]) -> T:
+        """parse -> steer -> queue and run -> check -> encode, timed as Triton's statistics (REST and gRPC)."""
+        timing = RequestTiming()
+        try:
+            parsed = await parse()
+            timing.compute_input = time.perf_counter() - timing.started
+            steering = self.runtime.steering(parsed.steer_named, parsed.steer_tensors, len(parsed.images))
+            outputs = await self.batcher.submit(parsed.images, steering, self.config.request_timeout_s, timing)
+            require_finite(outputs, [name for name, _ in parsed.outputs])
+            encode_started = time.perf_counter()
+            result = await encode(parsed, outputs)
+            timing.compute_output = time.perf_counter() - encode_started
+        except Exception:
+            self.stats.record_failure(timing)
+            raise
+        self.stats.record_success(timing, len(parsed.images))
+        return result
 
 
 def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> AppState:
@@ -71,8 +122,11 @@ def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> App
     taps = list(monitor.tap_of.values())
     drain: BackgroundDrain[dict] = BackgroundDrain(monitor.observe_many, name="elude-monitor")
 
+    stats = ModelStats(runtime.name, MODEL_VERSION)
+
     def record(outputs, n_images: int, seconds: float, steering: Steering) -> None:
         metrics.observe_batch(n_images, seconds, steering.active)
+        stats.record_execution(n_images, seconds)
         if not steering.active:  # steered traffic is an experiment, not the production distribution
             drain.offer({name: outputs[name] for name in taps})
 
@@ -80,7 +134,10 @@ def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> App
                            observers=[record])
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.dropped.set_function(lambda: drain.dropped)
-    return AppState(config, runtime, batcher, drain, registry, metrics, monitor)
+    decoder = ImageDecoder(contract.input, config.max_image_pixels, config.max_request_pixels, config.decode_slots)
+    if config.state_file:
+        restore_state(config.state_file, monitor)
+    return AppState(config, runtime, batcher, drain, registry, metrics, monitor, stats, decoder)
 
 
 def create_app(config: ServeConfig, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -90,13 +147,26 @@ def create_app(config: ServeConfig, runtime: ModelRuntime | None = None) -> Fast
     async def lifespan(_app: FastAPI):
         state.drain.start()
         await state.batcher.start()
-        log.info("serving '%s' on %s (max_batch %d, queue %d)", state.runtime.name, state.runtime.provider,
-                 config.max_batch, config.queue_size)
+        saver = StateSaver(config.state_file, state.monitor, config.state_interval_s) if config.state_file else None
+        grpc_server = None
         try:
+            if config.grpc_port:
+                from serving.grpc_service import start_grpc_server  # grpcio only when gRPC is asked for
+
+                grpc_server = await start_grpc_server(state, config.host, config.grpc_port)
+            if saver is not None:
+                saver.start()
+            log.info("serving '%s' on %s (max_batch %d, queue %d)", state.runtime.name, state.runtime.provider,
+                     config.max_batch, config.queue_size)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=min(5.0, config.shutdown_timeout_s))
             await state.batcher.stop()
             state.drain.stop()
+            state.json_thread.shutdown(wait=False, cancel_futures=True)
+            if saver is not None:
+                await saver.stop()  # after the drain: the last observed batches are saved too
 
     app = FastAPI(title="ELUDe inference server", version=__version__, lifespan=lifespan,
                   description="KServe v2 inference with per-sub-unit taps, steering and drift monitoring.")
@@ -105,9 +175,11 @@ def create_app(config: ServeConfig, runtime: ModelRuntime | None = None) -> Fast
     _add_protocol_routes(app, state)
     _add_elude_routes(app, state)
     # added last = outermost: metrics see every answer, auth runs before the body is read
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, metrics=state.metrics,
+                       timeout_s=config.body_timeout_s)
     app.add_middleware(BearerAuth, token=config.auth_token, metrics=state.metrics)
-    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(InFlightLimit, limit=config.in_flight_limit, metrics=state.metrics)
+    app.add_middleware(RequestMetrics, metrics=state.metrics, routes=app.router.routes)
     return app
 
 
@@ -156,17 +228,25 @@ def _add_protocol_routes(app: FastAPI, state: AppState) -> None:
 
     @app.get("/v2", **v2)
     async def server_metadata() -> dict:
-        return {"name": SERVER_NAME, "version": __version__,
-                "extensions": ["binary_tensor_data", "elude_steering", "elude_monitoring"]}
+        return state.server_metadata()
 
     async def model_metadata(model_name: str, version: str | None = None) -> dict:
         state.check_model(model_name, version)
-        return {
-            "name": runtime.name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
-            "inputs": [spec.to_v2() for spec in runtime.inputs.values()],
-            "outputs": [spec.to_v2() for spec in runtime.outputs.values()],
-            "elude": runtime.describe(),
-        }
+        return {**state.model_metadata(), "elude": runtime.describe()}
+
+    async def model_configuration(model_name: str, version: str | None = None) -> dict:
+        """Triton's model configuration extension (what `tritonclient` `get_model_config` reads)."""
+        state.check_model(model_name, version)
+        return model_config(runtime, state.config)
+
+    async def model_statistics(model_name: str, version: str | None = None) -> dict:
+        """Triton's statistics extension: per-model counts and cumulative nanoseconds."""
+        state.check_model(model_name, version)
+        return {"model_stats": [state.stats.snapshot()]}
+
+    @app.get("/v2/models/stats", **v2)
+    async def all_statistics() -> dict:
+        return {"model_stats": [state.stats.snapshot()]}
 
     async def model_ready(model_name: str, version: str | None = None) -> Any:
         state.check_model(model_name, version)
@@ -177,19 +257,34 @@ def _add_protocol_routes(app: FastAPI, state: AppState) -> None:
     async def infer(request: Request) -> Response:
         # a plain Starlette route: the hot path skips FastAPI's parameter machinery (its OpenAPI
         # entry is added by `_document_infer_routes`)
-        state.check_model(request.path_params["model_name"], request.path_params.get("version"))
-        body = decode_content(await request.body(), request.headers.get("content-encoding"),
-                              state.config.max_body_bytes)
-        parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), runtime, state.max_request_images)
-        steering = runtime.steering(parsed.steer_named, parsed.steer_tensors, len(parsed.images))
-        outputs = await state.batcher.submit(parsed.images, steering, state.config.request_timeout_s)
-        content, headers, media_type = encode_infer_response(runtime.name, parsed, outputs)
-        return Response(content, headers=headers, media_type=media_type)
+        async def parse() -> InferRequest:
+            state.check_model(request.path_params["model_name"], request.path_params.get("version"))
+            raw = await request.body()
+            encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+
+            def decode_and_parse() -> InferRequest:
+                body = decode_content(raw, encoding, state.config.max_body_bytes)
+                return parse_infer_request(body, header_length, runtime, state.max_request_images)
+
+            big = len(raw) > OFFLOAD_BYTES or encoding is not None  # big JSON must not stall the loop
+            return await state.off_loop(decode_and_parse) if big else decode_and_parse()
+
+        async def encode(parsed: InferRequest, outputs: dict) -> Response:
+            json_values = sum(outputs[name].size for name, binary in parsed.outputs if not binary)
+            write = functools.partial(encode_infer_response, runtime.name, parsed, outputs)
+            # about OFFLOAD_BYTES of JSON text or more: encode off the loop
+            content, headers, media_type = await state.off_loop(write) if json_values > OFFLOAD_BYTES // 8 \
+                else write()
+            return Response(content, headers=headers, media_type=media_type)
+
+        return await state.handle(parse, encode)
 
     errors = {code: ERROR_RESPONSES[code] for code in (400, 401, 404, 413, 503)}
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         app.add_api_route(prefix, model_metadata, methods=["GET"], responses=errors, **v2)
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"], responses=errors, **v2)
+        app.add_api_route(prefix + "/config", model_configuration, methods=["GET"], responses=errors, **v2)
+        app.add_api_route(prefix + "/stats", model_statistics, methods=["GET"], responses=errors, **v2)
         app.add_route(prefix + "/infer", infer, methods=["POST"], include_in_schema=False)
     _document_infer_routes(app)
 
@@ -266,14 +361,9 @@ def _add_elude_routes(app: FastAPI, state: AppState) -> None:
         top_k = _int_field(fields.get("top_k"), "top_k", top_k)
         top_subunits = _int_field(fields.get("top_subunits"), "top_subunits", top_subunits)
         steering = runtime.steering(parse_steer(fields.get("steer", steer)))
-        max_pixels = state.config.max_image_pixels
-
-        def prepare():
-            decoded = [decode_image(data, max_pixels, f"image '{name}'") for name, data in payloads]
-            return preprocess(decoded, runtime.contract.input)
-
-        batch = await run_in_threadpool(prepare)
+        batch = await run_in_threadpool(state.decoder, payloads)
         outputs = await state.batcher.submit(batch, steering, state.config.request_timeout_s)
+        require_finite(outputs)
         answers = describe_images(outputs, runtime, top_k, top_subunits)
         for (name, _), answer in zip(payloads, answers):
             answer["filename"] = name
@@ -294,7 +384,8 @@ def _add_elude_routes(app: FastAPI, state: AppState) -> None:
             baseline = runtime.contract.baseline.get(info.path)
             for column, name in enumerate(info.subunits):
                 row = {"name": name, "layer": info.path, "column": column, "unit": int(info.unit[column]),
-                       "sub": int(info.sub[column]), "steerable": info.path in runtime.steer_inputs}
+                       "sub": int(info.sub[column]), "steerable": info.path in runtime.steer_inputs,
+                       "label": runtime.contract.label_text(name)}
                 if baseline is not None:
                     row["baseline_fire_rate"] = float(baseline.fire_rate[column])
                 rows.append(row)

@@ -22,6 +22,7 @@ import numpy as np
 
 from serving.errors import InferenceFailed, Overloaded
 from serving.runtime import Steering
+from serving.stats import RequestTiming
 
 log = logging.getLogger("elude.serving")
 
@@ -35,6 +36,7 @@ class _Job:
     images: np.ndarray
     steering: Steering
     future: asyncio.Future
+    timing: RequestTiming | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -87,14 +89,18 @@ class MicroBatcher:
         return len(self._pending)
 
     # requests ------------------------------------------------------------------------------
-    async def submit(self, images: np.ndarray, steering: Steering, timeout_s: float) -> dict[str, np.ndarray]:
-        """This request's slice of every output; `Overloaded` if the queue is full or time runs out."""
+    async def submit(self, images: np.ndarray, steering: Steering, timeout_s: float,
+                     timing: RequestTiming | None = None) -> dict[str, np.ndarray]:
+        """This request's slice of every output; `Overloaded` if the queue is full or time runs out.
+
+        `timing` (optional) receives the request's queue and run seconds (Triton-style statistics).
+        """
         if not self.running or self._wakeup is None:
             raise Overloaded("server is not ready", cause="not_ready")
         if len(self._pending) >= self.queue_size:
             raise Overloaded(f"queue full ({self.queue_size} requests waiting); retry later", cause="queue_full")
         loop = asyncio.get_running_loop()
-        job = _Job(images, steering, loop.create_future())
+        job = _Job(images, steering, loop.create_future(), timing)
         self._pending.append(job)
         self._wakeup.set()
         # one timer instead of wait_for(shield(...)): cheaper per request; awaiting the future
@@ -170,6 +176,8 @@ class MicroBatcher:
         seconds = time.perf_counter() - started
         offset = 0
         for job in batch:
+            if job.timing is not None:
+                job.timing.queue, job.timing.compute_infer = started - job.enqueued, seconds
             if not job.future.done():
                 job.future.set_result({name: value[offset:offset + job.size] for name, value in outputs.items()})
             offset += job.size

@@ -41,6 +41,25 @@ class ServeConfig:
                                "MAX_BODY_BYTES")
     max_image_pixels: int = _opt(4096 * 4096, "Largest decoded image (width x height) accepted by /image.",
                                  "MAX_IMAGE_PIXELS")
+    max_request_pixels: int = _opt(64 * 4096 * 4096, "Most decoded pixels (sum over images) in one /image "
+                                   "request; beyond it 413.", "MAX_REQUEST_PIXELS")
+    decode_slots: int = _opt(2, "Images decoded at once by the whole server (bounds decode memory to "
+                             "slots x max-image-pixels x 4 bytes).", "DECODE_SLOTS")
+    max_in_flight: int = _opt(0, "Most requests being handled at once, health and /metrics excepted; beyond "
+                              "it JSON 503 (0: max(64, 4 x queue size)).", "MAX_IN_FLIGHT")
+    header_timeout_s: float = _opt(10.0, "A connection that has not sent complete request headers within this "
+                                   "many seconds is closed (idle and slow clients).", "HEADER_TIMEOUT_S")
+    body_timeout_s: float = _opt(30.0, "A request body not received completely within this many seconds gets "
+                                 "408.", "BODY_TIMEOUT_S")
+    keep_alive_s: float = _opt(5.0, "Idle keep-alive connections are closed after this many seconds.",
+                               "KEEP_ALIVE_S")
+    shutdown_timeout_s: float = _opt(10.0, "On SIGTERM, requests still open after this many seconds are "
+                                     "cancelled.", "SHUTDOWN_TIMEOUT_S")
+    grpc_port: int = _opt(0, "KServe v2 gRPC port (0: no gRPC).", "GRPC_PORT")
+    state_file: str | None = _opt(None, "File the drift window and monitor counters are saved to (atomically, "
+                                  "every state-interval-s and at shutdown) and restored from at start.",
+                                  "STATE_FILE")
+    state_interval_s: float = _opt(60.0, "Seconds between saves of the state file.", "STATE_INTERVAL_S")
     drift_window: int = _opt(1024, "Images in the sliding window that drift statistics are computed on.",
                              "DRIFT_WINDOW")
     monitor_top_n: int = _opt(20, "Sub-units exported as labelled gauges (by firing rate and by drift).",
@@ -53,13 +72,18 @@ class ServeConfig:
         problems = []
         if self.provider not in PROVIDERS:
             problems.append(f"provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
-        for name in ("max_batch", "queue_size", "max_body_bytes", "max_image_pixels", "drift_window"):
+        for name in ("max_batch", "queue_size", "max_body_bytes", "max_image_pixels", "max_request_pixels",
+                     "decode_slots", "drift_window"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port must be in 0..65535, got {self.port}")
-        if self.threads < 0 or self.monitor_top_n < 0:
-            problems.append("threads and monitor_top_n must not be negative")
+        for name in ("port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if self.threads < 0 or self.monitor_top_n < 0 or self.max_in_flight < 0:
+            problems.append("threads, monitor_top_n and max_in_flight must not be negative")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "shutdown_timeout_s", "state_interval_s"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch_timeout_ms < 0 or self.request_timeout_s <= 0:
             problems.append("batch_timeout_ms must be >= 0 and request_timeout_s > 0")
         if problems:
@@ -77,6 +101,10 @@ class ServeConfig:
                 values[spec.name] = _parse(spec.name, raw, spec.default)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model_path=Path(model_path), **values)
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or max(64, 4 * self.queue_size)
 
     def with_(self, **changes: Any) -> "ServeConfig":
         return replace(self, **changes)

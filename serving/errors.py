@@ -60,3 +60,17 @@ class Overloaded(ServingError):
 class InferenceFailed(ServingError):
     status = 500
     cause = "inference"
+
+
+class SlowClient(ServingError):
+    """The client did not send its request body in time: the connection is closed after the answer."""
+
+    status = 408
+    cause = "slow_client"
+
+
+class NonFiniteOutput(ServingError):
+    """Finite inputs overflowed inside the model (NaN/inf outputs): the client must change its request."""
+
+    status = 422
+    cause = "non_finite"

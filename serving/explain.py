@@ -57,8 +57,9 @@ def describe_images(outputs: Mapping[str, np.ndarray], runtime: ModelRuntime, to
             info = runtime.layer_by_path[layer]
             unit = int(info.unit[column])
             baseline = contract.baseline.get(layer)
-            entry = {"name": info.subunits[column], "layer": layer, "unit": unit, "sub": int(info.sub[column]),
-                     "activation": float(values[i, index])}
+            name = info.subunits[column]
+            entry = {"name": name, "label": contract.label_text(name), "layer": layer, "unit": unit,
+                     "sub": int(info.sub[column]), "activation": float(values[i, index])}
             if baseline is not None:
                 entry["fires"] = bool(values[i, index] > baseline.threshold[unit])
             listed.append(entry)

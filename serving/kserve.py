@@ -9,18 +9,21 @@ Every malformed request is a `BadRequest` naming what is wrong.
 
 from __future__ import annotations
 
-import json
 import zlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from elude_export.export.contract import INPUT_NAME
+from serving import jsoncodec
 from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from serving.json_tensors import dumps_with_arrays, placeholder, restore_arrays, split_data_arrays
 from serving.runtime import V2_DTYPES, ModelRuntime, v2_datatype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+FAST_PATH_BYTES = 64 * 1024  # smaller JSON parses in well under a millisecond: no need to split it
 
 
 @dataclass
@@ -51,21 +54,36 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
 
 def load_json(text: bytes, what: str = "request") -> Any:
     try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadRequest(f"malformed JSON in the {what}: {exc}", cause="malformed_json") from exc
+        return jsoncodec.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        hint = " (NaN and Infinity are not JSON numbers)" if b"NaN" in text or b"Infinity" in text else ""
+        raise BadRequest(f"malformed JSON in the {what}: {exc}{hint}", cause="malformed_json") from exc
+
+
+def _load_request(text: bytes) -> Any:
+    """The request header; big numeric `data` arrays are parsed in pieces (see `serving.json_tensors`)."""
+    split = split_data_arrays(text) if len(text) > FAST_PATH_BYTES else None
+    if split is None:
+        return load_json(text)
+    skeleton, arrays = split
+    try:
+        request = load_json(skeleton)
+    except BadRequest:  # the error is the body's, not the split's: let the plain parser name it
+        return load_json(text)
+    restore_arrays(request, arrays)
+    return request
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if header_length is None:
-        return load_json(body), b""
+        return _load_request(body), b""
     try:
         size = int(header_length)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
     if not 0 <= size <= len(body):
         raise BadRequest(f"{HEADER_LENGTH}={size} does not fit a body of {len(body)} bytes")
-    return load_json(body[:size]), body[size:]
+    return _load_request(body[:size]), body[size:]
 
 
 def _object(value: Any, what: str) -> dict:
@@ -146,26 +164,42 @@ def parse_infer_request(body: bytes, header_length: str | None, runtime: ModelRu
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
     parameters = _object(request.get("parameters"), "parameters")
-    channels, height, width = runtime.image_shape
-    max_elements = max_images * channels * height * width
+    max_elements = max_images * math.prod(runtime.image_shape)
     view = memoryview(binary)
     offset = 0
-    tensors: dict[str, np.ndarray] = {}
+    tensors: list[tuple[str, np.ndarray]] = []
     for index, entry in enumerate(inputs):
         name, array, offset = _tensor(entry, index, view, offset, max_elements)
-        if name in tensors:
+        tensors.append((name, array))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} trailing bytes after the binary inputs")
+    images, steer_tensors = check_inputs(tensors, runtime, max_images)
+    return InferRequest(
+        id=request_id,
+        images=images,
+        steer_named=parse_steer(parameters.get("steer")),
+        steer_tensors=steer_tensors,
+        outputs=_requested_outputs(request.get("outputs"), parameters, runtime),
+    )
+
+
+def check_inputs(tensors: list[tuple[str, np.ndarray]], runtime: ModelRuntime,
+                 max_images: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(images, steer tensors) of a request's named input arrays, checked against the model (REST and gRPC)."""
+    found: dict[str, np.ndarray] = {}
+    for name, array in tensors:
+        if name in found:
             raise BadRequest(f"input '{name}' given twice")
         if name != INPUT_NAME and name not in runtime.steer_inputs.values():
             raise BadRequest(f"unknown input '{name}' (inputs: {', '.join(runtime.inputs)})")
         expected = runtime.inputs[name]
         if array.dtype != expected.dtype:
             raise BadRequest(f"input '{name}' must be {expected.datatype}, got {v2_datatype(array.dtype)}")
-        tensors[name] = array
-    if offset != len(binary):
-        raise BadRequest(f"{len(binary) - offset} trailing bytes after the binary inputs")
-    if INPUT_NAME not in tensors:
+        found[name] = array
+    if INPUT_NAME not in found:
         raise BadRequest(f"missing input '{INPUT_NAME}'")
-    images = tensors.pop(INPUT_NAME)
+    images = found.pop(INPUT_NAME)
+    channels, height, width = runtime.image_shape
     if images.ndim != 4 or tuple(images.shape[1:]) != (channels, height, width) or images.shape[0] < 1:
         raise BadRequest(f"input '{INPUT_NAME}' must have shape [batch, {channels}, {height}, {width}] with "
                          f"batch >= 1, got {list(images.shape)}")
@@ -173,13 +207,7 @@ def parse_infer_request(body: bytes, header_length: str | None, runtime: ModelRu
         raise PayloadTooLarge(f"{images.shape[0]} images in one request; at most {max_images}")
     if not np.isfinite(images).all():
         raise BadRequest(f"input '{INPUT_NAME}' contains NaN or infinite values")
-    return InferRequest(
-        id=request_id,
-        images=np.ascontiguousarray(images),
-        steer_named=parse_steer(parameters.get("steer")),
-        steer_tensors=tensors,
-        outputs=_requested_outputs(request.get("outputs"), parameters, runtime),
-    )
+    return np.ascontiguousarray(images), found
 
 
 def _requested_outputs(value: Any, parameters: dict, runtime: ModelRuntime) -> list[tuple[str, bool]]:
@@ -204,7 +232,7 @@ def _requested_outputs(value: Any, parameters: dict, runtime: ModelRuntime) -> l
 def encode_infer_response(model_name: str, request: InferRequest,
                           outputs: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str], str]:
     """(body, extra headers, media type) of the v2 response."""
-    entries, blobs = [], []
+    entries, blobs, arrays = [], [], []
     for name, binary in request.outputs:
         array = np.ascontiguousarray(outputs[name])
         entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array.dtype), "shape": list(array.shape)}
@@ -213,14 +241,15 @@ def encode_infer_response(model_name: str, request: InferRequest,
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = placeholder(len(arrays))  # encoded piecewise (NaN refused) by dumps_with_arrays
+            arrays.append(array)
         entries.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
     if request.steer_named or request.steer_tensors:
         response["parameters"] = {"steered": True}
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = dumps_with_arrays(response, arrays)
     if not blobs:
         return header, {}, "application/json"
     return b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream"

@@ -1,28 +1,32 @@
-"""HTTP guards as plain ASGI middleware: request metrics, bearer auth, body size limit.
+"""HTTP guards as plain ASGI middleware: request metrics, in-flight limit, bearer auth, body limit.
 
-They run before routing, so a rejected request (401, 413) costs no parsing and never
-reaches the queue; each still answers the v2 error body `{"error": ...}`.
+They run before routing, so a rejected request (401, 408, 413, 503) costs no parsing and never
+reaches the queue; each still answers the v2 error body `{"error": ...}` and is counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
-from serving.errors import BadRequest, PayloadTooLarge, ServingError, Unauthorized
+from starlette.routing import BaseRoute, Match
+
+from serving import jsoncodec
+from serving.errors import BadRequest, Overloaded, PayloadTooLarge, ServingError, SlowClient, Unauthorized
 from serving.monitoring import ServingMetrics
 
 ASGIApp = Callable[..., Awaitable[None]]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+UNLIMITED_PATHS = OPEN_PATHS | {"/metrics"}  # probes and scrapes must answer under any load
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 async def send_error(send, error: ServingError, metrics: ServingMetrics) -> None:
     """Answer a request rejected before routing with the v2 error body, and count its cause."""
     metrics.errors.labels(cause=error.cause).inc()
-    body = json.dumps({"error": error.message}).encode()
+    body = jsoncodec.dumps({"error": error.message})
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
@@ -36,11 +40,27 @@ def _header(scope, name: bytes) -> bytes | None:
     return None
 
 
+def route_template(scope, routes: Sequence[BaseRoute]) -> str | None:
+    """The path template a request matches (`/v2/models/{model_name}/infer`), None if none does.
+
+    Starlette only records `scope["route"]` for FastAPI routes, so plain routes (the raw
+    infer route) are matched again here; a few regex matches, only for those.
+    """
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    for candidate in routes:
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return getattr(candidate, "path", None)
+    return None
+
+
 class RequestMetrics:
     """Counts requests and latency by route template (never by raw path: bounded labels)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServingMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics, routes: Sequence[BaseRoute] = ()):
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -58,10 +78,35 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or ("guard" if status in (401, 413) else "unmatched")
+            label = route_template(scope, self.routes) or "unmatched"
             self.metrics.requests.labels(route=label, code=str(status)).inc()
             self.metrics.latency.labels(route=label).observe(time.perf_counter() - started)
+
+
+class InFlightLimit:
+    """At most `limit` requests handled at once (JSON 503 beyond); health and /metrics always pass.
+
+    This replaces uvicorn's `limit_concurrency`, which counts idle connections too and answers
+    a plain-text 503 on every route, probes included.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: ServingMetrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+        self.active = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.limit:
+            await send_error(send, Overloaded(f"{self.limit} requests in flight; retry later", cause="in_flight"),
+                             self.metrics)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class BearerAuth:
@@ -81,10 +126,10 @@ class BearerAuth:
 
 
 class BodyLimit:
-    """Reads the body up to `max_bytes` (413 beyond, before any parsing), then replays it."""
+    """Reads the body up to `max_bytes` within `timeout_s` (413 / 408 before any parsing), then replays it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServingMetrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: ServingMetrics, timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.metrics, self.timeout_s = app, max_bytes, metrics, timeout_s
 
     async def _reject(self, send, error: ServingError) -> None:
         error.headers["Connection"] = "close"
@@ -105,8 +150,13 @@ class BodyLimit:
                 await self._reject(send, PayloadTooLarge(f"request body of {length} bytes exceeds {self.max_bytes}"))
                 return
         chunks, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await self._reject(send, SlowClient(f"request body not received within {self.timeout_s:g}s"))
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left; nobody to answer
             chunk = message.get("body", b"")

@@ -172,6 +172,22 @@ def z_critical(alpha: float) -> float:
     return hi
 
 
+def finite_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """Row mask of the images whose taps are all finite; None when every row is (the usual case).
+
+    A NaN/inf image (an overflow inside the model) would turn every window mean into NaN for a
+    whole drift window, so it is never fed to the monitor.
+    """
+    masks = [np.isfinite(np.asarray(a, np.float32)).reshape(len(a), -1).all(1) for a in arrays if len(a)]
+    if not masks or all(m.all() for m in masks):
+        return None
+    n = max(len(m) for m in masks)
+    keep = np.ones(n, bool)
+    for mask in masks:
+        keep[:len(mask)] &= mask
+    return keep
+
+
 class _LayerState:
     def __init__(self, path: str, names: list[str], unit: np.ndarray, sub: np.ndarray,
                  baseline: LayerBaseline, window: int):
@@ -225,9 +241,13 @@ class FeatureMonitor:
     def observe(self, outputs: Mapping[str, np.ndarray]) -> int:
         """Feed a batch of model outputs (any dict holding `tap.<layer>.max`); returns images seen."""
         seen = 0
+        taps = {path: outputs.get(tap) for path, tap in self.tap_of.items()}
+        finite = finite_rows([v for v in taps.values() if v is not None])
         for path, state in self.layers.items():
-            values = outputs.get(self.tap_of[path])
+            values = taps[path]
             if values is not None:
+                if finite is not None:
+                    values = np.asarray(values)[finite[:len(values)]]
                 self.observe_layer(path, values)
                 seen = max(seen, len(values))
         if seen:
@@ -305,7 +325,8 @@ class FeatureMonitor:
             state, s = self.layers[path], stats[path]
             z = float(s["z"][column])
             top_list.append({
-                "name": state.names[column], "layer": path, "unit": int(state.unit[column]),
+                "name": state.names[column], "label": self.contract.label_text(state.names[column]),
+                "layer": path, "unit": int(state.unit[column]),
                 "sub": int(state.sub[column]), "psi": round(value, 6),
                 "fire_rate": round(float(s["fire_rate"][column]), 6),
                 "baseline_fire_rate": round(float(state.baseline.fire_rate[column]), 6),
@@ -386,3 +407,14 @@ class _WindowCollector(Collector):
             mean_top.add_metric(labels, float(stats[path]["mean"][column]))
         yield rate_top
         yield mean_top
+
+        # what the listed sub-units mean (from `elude label`), so an alert can name the concept
+        labels = GaugeMetricFamily("elude_subunit_label_info", "Label of each sub-unit listed in the top-N "
+                                   "families (value 1; only labelled exports).", labels=["layer", "subunit", "label"])
+        listed = {(item["layer"], item["name"]) for item in report["top"]}
+        listed |= {(path, monitor.layers[path].names[column]) for _, path, column in ranked[:monitor.top_n]}
+        for layer, name in sorted(listed):
+            text = monitor.contract.label_text(name)
+            if text is not None:
+                labels.add_metric([layer, name, text], 1)
+        yield labels

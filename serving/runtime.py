@@ -19,7 +19,7 @@ import numpy as np
 from elude_export.errors import ModelLoadError
 from elude_export.export.contract import INPUT_NAME, OnnxContract
 from elude_export.export.ort_session import open_session
-from serving.errors import BadRequest
+from serving.errors import BadRequest, NonFiniteOutput
 from serving.steering import InvalidSteering, UnknownSubunit, steer_vectors
 
 log = logging.getLogger("elude.serving")
@@ -72,6 +72,15 @@ class Steering:
 
 
 NO_STEERING = Steering()
+
+
+def require_finite(outputs: Mapping[str, np.ndarray], names: list[str] | None = None) -> None:
+    """Finite inputs can still overflow inside the model (3e38 inputs, huge steer scales): a 422, never NaN."""
+    for name in names if names is not None else list(outputs):
+        array = outputs[name]
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise NonFiniteOutput(f"the model produced NaN or infinite values in '{name}' for this request "
+                                  f"(inputs or steer scales too large for float32 arithmetic)")
 
 
 def _spec(node) -> TensorSpec:

@@ -12,13 +12,17 @@ from fastapi import FastAPI
 from elude_export.errors import EludeError
 from serving.app import create_app
 from serving.config import ServeConfig
+from serving.connections import header_timeout_protocol
 
 
 def uvicorn_config(app: FastAPI, config: ServeConfig, **overrides) -> uvicorn.Config:
+    # no `limit_concurrency`: uvicorn counts idle connections against it and answers plain-text
+    # 503 on every route, health included; `InFlightLimit` bounds requests instead (JSON 503),
+    # and idle or slow connections are closed by the header / keep-alive / body timeouts
     options = dict(host=config.host, port=config.port, log_level=config.log_level, access_log=False,
-                   # bounded connections too: beyond this uvicorn itself answers 503
-                   limit_concurrency=max(64, 4 * config.queue_size), timeout_keep_alive=30,
-                   server_header=False)
+                   http=header_timeout_protocol(config.header_timeout_s), loop="asyncio",
+                   timeout_keep_alive=config.keep_alive_s, server_header=False,
+                   timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)), backlog=2048)
     options.update(overrides)
     return uvicorn.Config(app, **options)
 

@@ -16,6 +16,9 @@ import numpy as np
 from elude_export.export.contract import OnnxContract
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class UnknownSubunit(ValueError):
     """A name that is not in the model's sub-unit table."""
 
@@ -43,8 +46,9 @@ def steer_vectors(contract: OnnxContract, named: Mapping[str, object],
         if sub_unit not in index:
             example = next(iter(index), "layer/0000.0")
             raise UnknownSubunit(f"unknown sub-unit '{sub_unit}' (names look like '{example}')")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise InvalidSteering(f"steer scale of '{sub_unit}' must be a finite number, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or abs(scale) > FLOAT32_MAX:
+            raise InvalidSteering(f"steer scale of '{sub_unit}' must be a finite number within float32 range, got {scale!r}")
         layer, column = index[sub_unit]
         if layer not in steerable:
             raise InvalidSteering(f"layer '{layer}' was exported without a steer input; it cannot be steered")

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from elude_export.export.contract import INPUT_NAME, LayerBaseline, LayerInfo, OnnxContract, TapInfo
+from elude_export.export.contract import INPUT_NAME, LayerBaseline, LayerInfo, OnnxContract, SubunitLabel, TapInfo
 from elude_export.vocabulary import steer_input_name, tap_output_name
 
 QUANTILE_LEVELS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -129,8 +129,12 @@ def baseline_of(values: np.ndarray, unit: list[int], n_units: int) -> LayerBasel
 
 
 def build_fixture_model(path: str | Path, seed: int = 0, n_calibration: int = 4000,
-                        model_name: str = "fixture") -> FixtureModel:
-    """Write the tiny model with full ELUDe metadata (baseline from `n_calibration` inputs) to `path`."""
+                        model_name: str = "fixture", labels: dict[str, str] | None = None,
+                        plan_fingerprint: str = "p" * 16) -> FixtureModel:
+    """Write the tiny model with full ELUDe metadata (baseline from `n_calibration` inputs) to `path`.
+
+    `labels` ({sub-unit name: text}) fills `contract.labels` as `elude label` would.
+    """
     rng = np.random.default_rng(seed)
     weights = _weights(rng)
     layers, baselines = [], {}
@@ -140,7 +144,7 @@ def build_fixture_model(path: str | Path, seed: int = 0, n_calibration: int = 40
         layers.append(LayerInfo(path_name, len(ks), len(unit), steer_input_name(path_name), names, unit, sub))
     taps = [TapInfo(tap_output_name(p, "max"), p, "max") for p in LAYERS] + [
         TapInfo(tap_output_name("blocks.0.mlp", "mean"), "blocks.0.mlp", "mean")]
-    contract = OnnxContract(model_name=model_name, model_fingerprint="f" * 16, plan_fingerprint="p" * 16,
+    contract = OnnxContract(model_name=model_name, model_fingerprint="f" * 16, plan_fingerprint=plan_fingerprint,
                             input=SPEC, outputs=["logits"], router="context", layers=layers, taps=taps,
                             quantile_levels=list(QUANTILE_LEVELS), versions={"exporter": "tests/serving_fixtures"})
     fixture = FixtureModel(Path(path), contract, weights)
@@ -148,6 +152,7 @@ def build_fixture_model(path: str | Path, seed: int = 0, n_calibration: int = 40
     for info in layers:
         baselines[info.path] = baseline_of(calibration[tap_output_name(info.path, "max")], info.unit, info.n_units)
     contract.baseline = baselines
+    contract.labels = {name: SubunitLabel(text=text) for name, text in (labels or {}).items()}
     model = helper.make_model(_graph(weights), opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="elude-tests")
     model.ir_version = 8
@@ -178,3 +183,48 @@ def running_server(model_path: str | Path, runtime=None, **options) -> Iterator[
     app = create_app(config, runtime)
     with BackgroundServer(app, config) as url:
         yield url, app
+
+
+@contextmanager
+def subprocess_server(model_path: str | Path, *flags: str, start_timeout_s: float = 60.0,
+                      env: dict[str, str] | None = None) -> Iterator[tuple[str, "subprocess.Popen"]]:
+    """(base url, process) of `python -m serving MODEL` on a free port; killed if still running at exit.
+
+    For what a thread cannot show: process memory, signals, a real restart.
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from serving.server import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "serving", str(model_path), "--port", str(port), "--log-level", "warning",
+               *flags]
+    process = subprocess.Popen(command, cwd=root, env={**os.environ, **(env or {})},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read().decode()}")
+            try:
+                ready = httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200
+            except httpx.TransportError:
+                ready = False  # not listening yet
+            if ready:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start on {url}")
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        process.stdout.close()
