@@ -48,11 +48,11 @@ class FlippedControl(SubunitBaseline):
 
 def test_builtin_families_are_registered_in_report_order_with_their_flags():
     kinds = registered_baselines()
-    assert list(kinds) == [UNITS, ELUDE, "random", "shuffle", "sae"]
-    assert [name for name, kind in kinds.items() if kind.is_control] == ["random", "shuffle"]
+    assert list(kinds) == [UNITS, ELUDE, "random", "shuffle", "global", "sae"]
+    assert [name for name, kind in kinds.items() if kind.is_control] == ["random", "shuffle", "global"]
     assert [name for name, kind in kinds.items() if not kind.paired_with_units] == ["sae"]
     assert [name for name, kind in kinds.items() if not kind.has_split_scope] == ["sae"]
-    assert [name for name, kind in kinds.items() if kind.splits_units] == [ELUDE, "random", "shuffle"]
+    assert [name for name, kind in kinds.items() if kind.splits_units] == [ELUDE, "random", "shuffle", "global"]
     assert len({kind.color for kind in kinds.values()}) == len(kinds)
 
 
@@ -90,7 +90,8 @@ def extended_result():
 def test_a_new_family_shows_up_in_columns_summary_json_and_table(extended_result):
     plan, result = extended_result
     (layer,) = result.layers
-    assert list(layer.columns) == [UNITS, ELUDE, "random", "shuffle", "firstk", "flipped"]  # switched-off SAE: none
+    # switched-off SAE and the global control without fit data: no columns
+    assert list(layer.columns) == [UNITS, ELUDE, "random", "shuffle", "firstk", "flipped"]
     units, first = layer.columns[UNITS], layer.columns["firstk"]
     assert first.n_columns == FIRST_K and first.names == units.names[:FIRST_K]
     np.testing.assert_array_equal(first.values, units.values[:, :FIRST_K])  # the same columns, so the same tops
@@ -110,3 +111,27 @@ def test_a_new_family_shows_up_in_columns_summary_json_and_table(extended_result
     assert "\n  firstk  all " in text and "\n  flipped split" in text
     assert "elude - flipped:" in text and "flipped = ELUDe's taps with the images of each batch reversed" in text
     assert set(summary_plots(result)) == {"k_distribution", "purity_histograms"}
+
+
+def test_global_control_is_one_image_clustering_shared_by_units_with_the_same_k():
+    """Two units with the same K_j route every image alike: the partition does not know the unit."""
+    from elude_export.evidence.baselines.global_cluster import GlobalClusterBaseline
+    from elude_export.evidence.collect import collect
+    from elude_export.evidence.evaluate import make_setup
+    from elude_export.models import model_batches
+
+    loaded, plan = small_fitted_plan(seed=0, layer="blocks.1.mlp", k_max=3)
+    config = EvalConfig(top_n=4, limit=64, sae=False, sae_limit=96)
+    setup = make_setup(loaded, plan, config, open_source("embedded:calib"), torch.device("cpu"), lambda _m: None)
+    control = GlobalClusterBaseline(setup)
+    control.fit()
+    layer = plan.layers[0]
+    assert set(control.centroids[layer.path]) == {3}  # fixed K = 3: one clustering
+    _, batch = next(iter(model_batches(open_source("embedded:test"), loaded.input_spec, 48, torch.device("cpu"),
+                                       torch.float32)))
+    route = control.routes(batch)[layer.path]
+    split = layer.split_units.tolist()
+    assert (route[:, split] == route[:, split[:1]]).all()  # the same partition for every unit
+    assert len(route[:, split[0]].unique()) >= 2  # and it does split the images
+    collected = collect(setup, open_source("embedded:test"), {"global": control})
+    assert collected.tops["global"][layer.path].values.shape[1] == layer.n_subunits

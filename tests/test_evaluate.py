@@ -151,8 +151,8 @@ def test_evaluate_small_run_identical_accuracy_and_table_fields(small_run, tmp_p
     assert accuracy["random_control_logits_bitwise_equal"]
     assert 0.0 <= accuracy["sae_spliced"]["blocks.1.mlp"] <= 1.0
     (layer,) = result.layers
-    assert set(layer.columns) == {"units", "elude", "random", "shuffle", "sae"}
-    for method in ("elude", "random", "shuffle"):
+    assert set(layer.columns) == {"units", "elude", "random", "shuffle", "global", "sae"}
+    for method in ("elude", "random", "shuffle", "global"):
         assert layer.columns[method].n_columns == plan.layers[0].n_subunits
     # the shuffle control keeps ELUDe's sub-unit sizes exactly (same routes, other images)
     assert layer.route_balance["shuffle"] == pytest.approx(layer.route_balance["elude"], abs=0.05)
@@ -162,13 +162,18 @@ def test_evaluate_small_run_identical_accuracy_and_table_fields(small_run, tmp_p
                          ("elude", "split")}
     for row in rows.values():
         assert row["columns"] == row["scored"] + row["unscored"]
-        for metric in ("label_purity", "concept_purity", "coherence", "label_entropy"):
+        for metric in ("label_purity", "concept_purity", "coherence", "label_entropy", "shape_purity",
+                       "colour_purity", "factor_purity"):
             assert {"mean", "median", "ci", "n"} <= set(row[metric])
-    assert {"delta_vs_random", "delta_vs_shuffle"} <= set(rows[("elude", "all")])
+        # a pure pair is pure in each factor: factor purities bound concept purity from above
+        if row["concept_purity"]["mean"] is not None:
+            assert row["factor_purity"]["mean"] >= row["concept_purity"]["mean"] - 1e-9
+            assert row["factor_purity"]["mean"] >= max(row["shape_purity"]["mean"], row["colour_purity"]["mean"]) - 1e-9
+    assert {"delta_vs_random", "delta_vs_shuffle", "delta_vs_global"} <= set(rows[("elude", "all")])
     assert layer.info["sae"]["eval_fvu"] >= 0.0
     text = result.table()
-    for field in ("label purity", "concept purity", "coherence", "unsc", "elude - random", "elude - shuffle", "SAE:",
-                  "logits bitwise equal: yes"):
+    for field in ("label purity", "concept purity", "coherence", "unsc", "elude - random", "elude - shuffle",
+                  "elude - global", "SAE:", "logits bitwise equal: yes", "colour", "factor"):
         assert field in text
     out = tmp_path / "eval.json"
     write_json(result, str(out))

@@ -63,7 +63,8 @@ def test_report_is_self_contained_and_its_images_decode(report_file):
         image = Image.open(io.BytesIO(payload))
         image.load()
         assert image.width > 20 and image.height > 20
-    for field in ("Summary", "label purity", "concept purity", "fires on", f"Layer {LAYER}", "bitwise equal: yes"):
+    for field in ("Summary", "label purity", "concept purity", "fires on", f"Layer {LAYER}", "bitwise equal: yes",
+                  "label: <b>"):
         assert field in text
 
 

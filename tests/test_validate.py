@@ -166,3 +166,36 @@ def test_near_tie_routes_are_found_and_only_they_are_left_out(setup):
     candidate[:, 0 if unit != info.unit[0] else -1] += 1.0  # a difference elsewhere stays visible
     ref, cand, _ = _without_ties(tap, contract, {layer.path: ties}, reference, candidate)
     assert not np.array_equal(ref, cand)
+
+
+def test_validation_that_proves_too_little_fails(setup):
+    """Too many near-tie exclusions, or a steering check that could not run, fail unless allowed."""
+    loaded, plan, path, _ = setup
+    report = validate_export(loaded, plan, path, None, provider="cpu", n_random=4)
+    assert report.ok and report.steering, "\n".join(report.lines())
+    assert set(report.tie_shares) == {tap.name for tap in report.taps}
+    tied = copy.copy(report)
+    tied.tie_shares = {**report.tie_shares, report.taps[0].name: 0.2}
+    assert not tied.ok and "above the bound 5.0%" in "\n".join(tied.lines())
+    tied.max_tie_share = 0.25
+    assert tied.ok
+    unsteered = copy.copy(report)
+    unsteered.steering = []
+    assert not unsteered.ok and "✗ steering not checked" in "\n".join(unsteered.lines())
+    unsteered.steering_required = False  # --no-steering: skipped on purpose
+    assert unsteered.ok
+
+
+def test_steer_candidate_is_one_that_fires_on_the_inputs(setup):
+    from elude_export.export.validate import _pick_steer_target, load_checked_contract
+
+    loaded, plan, path, _ = setup
+    contract = load_checked_contract(path, loaded, plan)
+    layer = contract.layers[0]
+    tap = next(t for t in contract.taps if t.layer == layer.path)
+    counts = np.bincount(np.asarray(layer.unit), minlength=layer.n_units)
+    split = [c for c, unit in enumerate(layer.unit) if counts[unit] > 1]
+    observed = np.zeros((3, layer.n_subunits), dtype=np.float32)
+    observed[1, split[-1]] = 5.0  # only the last split sub-unit fired on these inputs
+    candidates = _pick_steer_target(contract, {tap.output: observed})
+    assert [c for p, c in candidates if p == layer.path] == [split[-1]]

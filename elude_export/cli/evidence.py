@@ -1,4 +1,4 @@
-"""`elude evaluate`, `elude report`, `elude steer`: the evidence that sub-units are worth having."""
+"""`elude evaluate`, `elude report`, `elude steer`, `elude label`: the evidence that sub-units are worth having."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def evaluation_options(command):
         click.option("--sae/--no-sae", default=True, show_default=True,
                      help="Train the TopK sparse-autoencoder baseline (one per layer, as many latents as sub-units)."),
         click.option("--sae-data", default=None,
-                     help="Images the SAE trains on: the plan's fit data (default: embedded:calib for embedded:test, "
-                          "digits:train for digits:test)."),
+                     help="The plan's fit data, on which the SAE trains and the global control clusters (default: "
+                          "embedded:calib for embedded:test, digits:train for digits:test)."),
         click.option("--sae-k", type=click.IntRange(1), default=32, show_default=True,
                      help="Active SAE latents per token."),
         click.option("--sae-steps", type=click.IntRange(1), default=2000, show_default=True,
@@ -78,19 +78,19 @@ def _evaluate(plan_path, model, checkpoint, pretrained, img_size, data, layer_pa
     layers = split_patterns(layer_patterns)
     check_layers(plan, layers)
     source = _source(data, loaded, "evaluation")
-    sae_source = None
-    if sae:
-        fit_data = sae_data or default_fit_data(data)
-        if fit_data is None:
-            raise DataError(f"cannot tell which images the plan was fitted on for --data {data}: pass --sae-data "
-                            "(the fit data) or --no-sae")
+    fit_source = None  # trains the SAE and clusters the global control; never the evaluation images
+    fit_data = sae_data or default_fit_data(data)
+    if sae and fit_data is None:
+        raise DataError(f"cannot tell which images the plan was fitted on for --data {data}: pass --sae-data "
+                        "(the fit data) or --no-sae")
+    if fit_data is not None:
         from elude_export.data.sources import open_source
 
-        sae_source = open_source(fit_data, (loaded.input_spec.height, loaded.input_spec.width))
+        fit_source = open_source(fit_data, (loaded.input_spec.height, loaded.input_spec.width))
     config = EvalConfig(top_n=top_n, layers=layers, batch_size=batch_size, limit=limit, bootstrap=bootstrap, seed=seed,
                         sae=sae, sae_k=sae_k, sae_steps=sae_steps)
     target = resolve_device(device)
-    result = evaluate(loaded, plan, source, config, sae_source, target, log=lambda m: click.echo(m, err=True))
+    result = evaluate(loaded, plan, source, config, fit_source, target, log=lambda m: click.echo(m, err=True))
     if json_out is not None:
         write_json(result, str(json_out))
     return plan, loaded, source, result, target
@@ -171,3 +171,37 @@ def steer_command(plan_path, subunit, scale, whole_unit, model, checkpoint, pret
     if json_out is not None:
         write_json_atomic(json_out, result.to_json(), DataError)
         click.echo(f"wrote {json_out}")
+
+
+@click.command("label")
+@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan file.")
+@click.option("--data", default="embedded:test", show_default=True,
+              help="Labelled images to describe the columns by (concepts where the data has them, else classes).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("labels.json"),
+              show_default=True, help="Labels file to write (atomically); carries the plan's fingerprint.")
+@click.option("--model", default=None, help="Model the plan was fitted on (default: the plan's model name).")
+@model_options
+@click.option("--layers", "layer_patterns", multiple=True, help="Label only these plan layers (exact paths).")
+@click.option("--top-n", type=click.IntRange(2), default=20, show_default=True,
+              help="Top-activating images a label is computed from; columns firing on fewer are 'unlabelled'.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most this many images.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
+def label_command(plan_path, data, output, model, checkpoint, pretrained, img_size, layer_patterns, top_n, limit,
+                  batch_size, device):
+    """Describe every unit and sub-unit by its top images on a labelled set, for `elude export --labels`."""
+    from elude_export.artifacts import check_output_path
+    from elude_export.evidence.evaluate import check_layers
+    from elude_export.evidence.labels import compute_labels
+    from elude_export.models import resolve_device
+
+    check_output_path(output, DataError, "labels.json")
+    plan, loaded = _load(plan_path, model, checkpoint, pretrained, img_size)
+    layers = split_patterns(layer_patterns)
+    check_layers(plan, layers)
+    source = _source(data, loaded, "label")
+    labels = compute_labels(loaded, plan, source, top_n, layers, batch_size, limit, resolve_device(device))
+    labels.write(output)
+    labelled, unlabelled = labels.counts()
+    click.echo(f"wrote {output}: {labelled} labelled and {unlabelled} unlabelled columns (units and sub-units; "
+               f"top-{top_n} {labels.basis}s of {source.name})")

@@ -47,8 +47,10 @@ def _load(model, checkpoint, pretrained, img_size, plan_path):
 @click.option("--triton-name", default=None, help="Triton model name (default: elude_<model>).")
 @click.option("--max-batch-size", type=click.IntRange(0), default=32, show_default=True)
 @click.option("--triton-instance", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True)
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Labels file from `elude label` (same plan): written into the ONNX metadata (elude.labels).")
 def export_command(model, checkpoint, pretrained, img_size, plan_path, output, taps, steer, mode, router_kind, opset,
-                   exporter, triton_repo, triton_backend, triton_name, max_batch_size, triton_instance):
+                   exporter, triton_repo, triton_backend, triton_name, max_batch_size, triton_instance, labels_path):
     """Export MODEL rewritten by a plan to ONNX, with named tap outputs and steer inputs."""
     from dataclasses import replace
 
@@ -59,7 +61,8 @@ def export_command(model, checkpoint, pretrained, img_size, plan_path, output, t
     loaded, plan = _load(model, checkpoint, pretrained, img_size, plan_path)
     if output is None and triton_repo is None:
         output = Path("model.onnx")
-    selection = dict(taps=list(taps), steer={"none": False, "tapped": True}.get(steer, steer))
+    selection = dict(taps=list(taps), steer={"none": False, "tapped": True}.get(steer, steer),
+                     labels=_labels(labels_path, plan))
     options = ExportOptions(mode=mode, low_rank=router_kind != "dense", opset=opset, exporter=exporter)
     if router_kind == "low-rank" and all(layer.router_a is None for layer in plan.layers):
         raise ExportError("--router low-rank: this plan has no low-rank factors (fit with --router-rank)")
@@ -81,6 +84,15 @@ def export_command(model, checkpoint, pretrained, img_size, plan_path, output, t
         click.echo(f"wrote Triton model repository {folder} ({triton_backend} backend)")
 
 
+def _labels(path: Path | None, plan):
+    """The labels of `elude label` for this plan (a file of another plan is refused), or None."""
+    if path is None:
+        return None
+    from elude_export.evidence.labels import load_labels
+
+    return load_labels(path, plan.fingerprint()).labels
+
+
 def _describe(path: Path) -> None:
     from elude_export.export.contract import read_contract
 
@@ -88,6 +100,9 @@ def _describe(path: Path) -> None:
     click.echo(f"  outputs: {', '.join(contract.outputs + [tap.output for tap in contract.taps])}")
     steers = [layer.steer_input for layer in contract.layers if layer.steer_input]
     click.echo(f"  steer inputs (optional, default ones): {', '.join(steers) or 'none'}")
+    if contract.labels:
+        labelled = sum(label.text != "unlabelled" for label in contract.labels.values())
+        click.echo(f"  labels (elude.labels): {len(contract.labels)} columns, {labelled} labelled")
 
 
 @click.command("validate")
@@ -107,9 +122,12 @@ def _describe(path: Path) -> None:
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default 1e-4 CPU, 1e-3 CUDA).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
-@click.option("--no-steering", is_flag=True, help="Skip the steering check.")
+@click.option("--no-steering", is_flag=True,
+              help="Skip the steering check (otherwise a validation that could not steer fails).")
+@click.option("--max-tie-share", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Most of a tap's elements that may be left out as near-tie routes before the tap fails.")
 def validate_command(model, checkpoint, pretrained, img_size, plan_path, onnx_path, data, n_images, n_random,
-                     batch_size, provider, atol, rtol, report_path, no_steering):
+                     batch_size, provider, atol, rtol, report_path, no_steering, max_tie_share):
     """Compare an exported ONNX model under onnxruntime with the PyTorch model, output by output."""
     from elude_export.data.sources import open_source
     from elude_export.export.validate import ValueMismatchError, validate_export
@@ -119,7 +137,7 @@ def validate_command(model, checkpoint, pretrained, img_size, plan_path, onnx_pa
         raise ValidationError(f"report directory {report_path.parent} does not exist")
     source = None if data == "none" else open_source(data, (loaded.input_spec.height, loaded.input_spec.width))
     report = validate_export(loaded, plan, onnx_path, source, provider, n_images, n_random, batch_size, atol, rtol,
-                             check_steering=not no_steering)
+                             check_steering=not no_steering, max_tie_share=max_tie_share)
     for line in report.lines():
         click.echo(line)
     if report_path is not None:

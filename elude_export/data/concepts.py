@@ -171,6 +171,31 @@ def _cached_split(name: str) -> ConceptSet:
     return generate_concepts(n, seed)
 
 
+def object_masks(data: ConceptSet) -> np.ndarray:
+    """(n, 32, 32) bool: where each scene's object was drawn, from its stored factors.
+
+    The same `_shape_masks` call that `_render` uses, so the mask is exactly the pixels the
+    object covers (texture only changes brightness inside it); token-level evidence measures
+    whether a column's activations fall on the object against this ground truth.
+    """
+    grid = np.arange(IMAGE_SIZE, dtype=np.float32)
+    masks = np.empty((len(data), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for start in range(0, len(data), _CHUNK):
+        part = slice(start, start + _CHUNK)
+        m = data.factors["shape"][part].shape[0]
+        ys = np.broadcast_to(grid[None, :, None], (m, IMAGE_SIZE, IMAGE_SIZE))
+        xs = np.broadcast_to(grid[None, None, :], (m, IMAGE_SIZE, IMAGE_SIZE))
+        cx, cy, size = (data.factors[key][part].astype(np.float32)[:, None, None] for key in ("x", "y", "size"))
+        masks[part] = _shape_masks(data.factors["shape"][part], xs - cx, ys - cy, size)
+    return masks
+
+
+def concept_factors(concepts: np.ndarray) -> dict[str, np.ndarray]:
+    """Concept ids -> their factors {"shape", "colour"} (`concept_id = shape * 4 + colour`)."""
+    concepts = np.asarray(concepts, dtype=np.int64)
+    return {"shape": concepts // len(COLOURS), "colour": concepts % len(COLOURS)}
+
+
 def load_split(name: str) -> ConceptSet:
     """One of the named splits (`SPLITS`), generated once per process and cached."""
     if name not in SPLITS:

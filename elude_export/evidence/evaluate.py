@@ -62,13 +62,13 @@ def evaluate(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda _msg: None,
 ) -> EvalResult:
-    """Score every registered family of columns (units, ELUDe, controls, the SAE with `sae_source`)."""
+    """Score every registered family (units, ELUDe, controls, the SAE); `sae_source` = the plan's fit data."""
     config = config or EvalConfig()
     if source.labels is None:
         raise DataError(f"evaluation data {source.name} has no labels: use a labelled set (e.g. embedded:test)")
     if config.top_n < 2:
         raise DataError("--top-n must be at least 2")
-    setup = _setup(loaded, plan, config, sae_source, torch.device(device), log)
+    setup = make_setup(loaded, plan, config, sae_source, torch.device(device), log)
     baselines: dict[str, Baseline] = {name: kind(setup) for name, kind in registered_baselines().items()}
     for baseline in baselines.values():
         baseline.fit()
@@ -82,7 +82,7 @@ def evaluate(
                       {name: type(baseline) for name, baseline in baselines.items()})
 
 
-def _setup(loaded: LoadedModel, plan: Plan, config: EvalConfig, fit_source: ImageSource | None,
+def make_setup(loaded: LoadedModel, plan: Plan, config: EvalConfig, fit_source: ImageSource | None,
            device: torch.device, log: Callable[[str], None]) -> EvalSetup:
     model = loaded.model.eval().to(device)
     paths = config.layers or [layer.path for layer in plan.layers]

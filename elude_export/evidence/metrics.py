@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-# per-column metrics; the `concept_*` ones exist where the data has ground-truth concepts
-METRICS = ("label_purity", "concept_purity", "coherence", "label_entropy", "concept_entropy")
+# per-column metrics; the CONCEPT_METRICS exist where the data has ground-truth concepts. Concept
+# purity is the pair (shape, colour); the factor purities score each factor alone, so that an
+# early-layer column that is purely "red" (any shape) is not counted as impure, and
+# `factor_purity` is the better of the two: pure in *some* factor.
+METRICS = ("label_purity", "concept_purity", "shape_purity", "colour_purity", "factor_purity", "coherence",
+           "label_entropy", "concept_entropy")
+CONCEPT_METRICS = ("concept_purity", "shape_purity", "colour_purity", "factor_purity", "concept_entropy")
 # per-column flags and gaps that only make sense with concepts
 CONCEPT_EXTRAS = ("class_minus_concept", "same_class_mix")
 

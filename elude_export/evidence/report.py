@@ -22,7 +22,9 @@ from torch import nn
 from elude_export.artifacts import check_output_path, write_text_atomic
 from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
+from elude_export.export.contract import SubunitLabel
 from elude_export.evidence.baselines.base import ELUDE, UNITS, delta_key
+from elude_export.evidence.labels import label_columns
 from elude_export.evidence.results import ColumnSet, EvalResult, LayerEvaluation
 from elude_export.models import LoadedModel, normalize_images
 from elude_export.plan import Plan
@@ -184,7 +186,9 @@ def image_grid(images: np.ndarray, boxes: list[tuple[int, int, int, int] | None]
 
 def _caption(column_set: ColumnSet, index: int, n_images: int, source: ImageSource, top_n: int) -> str:
     metrics = column_set.metrics
-    parts = [f"<b>{html.escape(column_set.names[index])}</b>",
+    label = label_columns([column_set.names[index]], column_set.images[:, [index]], column_set.active[[index]],
+                          source, top_n)[column_set.names[index]]
+    parts = [f"<b>{html.escape(column_set.names[index])}</b>", f"label: <b>{html.escape(_label_text(label))}</b>",
              f"fires on {column_set.active[index] / max(n_images, 1):.1%} of images"]
     scored = column_set.active[index] >= top_n
     if not scored:
@@ -204,6 +208,14 @@ def _caption(column_set: ColumnSet, index: int, n_images: int, source: ImageSour
         concept = int(np.bincount(source.concepts[images]).argmax())
         parts.append(f"majority concept: {html.escape(_concept_name(concept))}")
     return "<br>".join(parts)
+
+
+def _label_text(label: SubunitLabel) -> str:
+    """The label as `elude label` writes it, with the interval of its share."""
+    if label.ci is None:
+        return label.text
+    return f"{label.text}; share CI [{label.ci[0]:.2f}, {label.ci[1]:.2f}]" + (
+        f"; runner-up {label.runner_up}" if label.runner_up else "")
 
 
 def _concept_name(concept: int) -> str:

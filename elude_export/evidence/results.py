@@ -125,7 +125,8 @@ def format_table(result: EvalResult, split_only: bool = False) -> str:
                                                          for name in controls))
     if has_concepts:
         lines.append("cls-cpt: mean (class purity - concept purity) of the top-n; mix: share of columns whose top-n "
-                     "holds >= 2 concepts of its majority class")
+                     "holds >= 2 concepts of its majority class; shape / colour: purity of one factor alone; "
+                     "factor: the better of the two")
     return "\n".join(lines)
 
 
@@ -145,7 +146,7 @@ def _header(has_concepts: bool) -> str:
         header += f"{'concept purity':<22}{'Δ vs units':<25}"
     header += f"{'coherence':<22}{'entropy':>8}"
     if has_concepts:
-        header += f"{'cls-cpt':>8}{'mix':>6}"
+        header += f"{'cls-cpt':>8}{'mix':>6}{'shape':>7}{'colour':>7}{'factor':>7}"
     return header
 
 
@@ -159,7 +160,9 @@ def _row_lines(result: EvalResult, row: dict[str, Any], has_concepts: bool) -> l
     line += f"{_fmt(row['coherence']):<22}{_number(row['label_entropy']['mean'], '.2f'):>8}"
     if has_concepts:
         line += (f"{_number(row['class_minus_concept']['mean'], '.3f'):>8}"
-                 f"{_number(row['same_class_mix']['mean'], '.2f'):>6}")
+                 f"{_number(row['same_class_mix']['mean'], '.2f'):>6}"
+                 + "".join(f"{_number(row[m]['mean'], '.3f'):>7}"
+                           for m in ("shape_purity", "colour_purity", "factor_purity")))
     lines = [line]
     for control in result.controls() if row["method"] == ELUDE else ():
         vs = row.get(delta_key(control))

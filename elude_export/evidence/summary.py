@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
+from elude_export.data.concepts import concept_factors
 from elude_export.data.sources import ImageSource
 from elude_export.evidence.baselines.base import ELUDE, UNITS, Baseline, Columns, delta_key
 from elude_export.evidence.collect import Collected, RunningTopN
 from elude_export.evidence.metrics import (
-    CONCEPT_EXTRAS, METRICS, mean_ci, paired_delta_ci, purity_entropy, same_class_concept_mix, weighted_coherence,
+    CONCEPT_EXTRAS, CONCEPT_METRICS, METRICS, mean_ci, paired_delta_ci, purity_entropy, same_class_concept_mix, weighted_coherence,
 )
 from elude_export.evidence.results import ColumnSet, LayerEvaluation
 from elude_export.plan import LayerPlan
@@ -66,6 +67,11 @@ def score_columns(columns: ColumnSet, source: ImageSource, embeddings: np.ndarra
         if source.concepts is not None:
             c_purity, c_entropy = purity_entropy(source.concepts[images])
             metrics["concept_purity"][scored], metrics["concept_entropy"][scored] = c_purity, c_entropy
+            factors = concept_factors(source.concepts[images])
+            metrics["shape_purity"][scored] = purity_entropy(factors["shape"])[0]
+            metrics["colour_purity"][scored] = purity_entropy(factors["colour"])[0]
+            metrics["factor_purity"][scored] = np.maximum(metrics["shape_purity"][scored],
+                                                          metrics["colour_purity"][scored])
             metrics["class_minus_concept"][scored] = purity - c_purity
             min_images = config.mix_min_images or max(2, int(round(0.15 * n)))
             metrics["same_class_mix"][scored] = same_class_concept_mix(
@@ -95,7 +101,7 @@ def summarise_layer(columns: dict[str, ColumnSet], kinds: Mapping[str, type[Base
                     config: EvalConfig, has_concepts: bool) -> list[dict[str, Any]]:
     """One record per (family, scope): counts, metric means with CIs, deltas vs units and controls."""
     rows = []
-    metric_names = [m for m in METRICS if has_concepts or not m.startswith("concept")]
+    metric_names = [m for m in METRICS if has_concepts or m not in CONCEPT_METRICS]
     extra = list(CONCEPT_EXTRAS) if has_concepts else []
     controls = [name for name in columns if kinds[name].is_control]
     for scope in SCOPES:

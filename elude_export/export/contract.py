@@ -32,7 +32,12 @@ metadata_props keys (all JSON strings unless noted)
 - `elude.labels` (optional; absent when the plan was not labelled): {sub-unit or unit name:
   {"text": short human-readable label, e.g. "red circle (0.91)", plus optional "dominant",
   "share", "ci", "runner_up", "top_images", "n"}}; what `elude label` computed from a labelled
-  set. Readers treat a missing key as "unlabelled".
+  set. Readers treat a missing key as "unlabelled". Only labels of the exported layers are
+  written, within `LABELS_MAX_BYTES` (2 MB) of JSON: when the full labels do not fit, the
+  exporter drops, in this order and for every label alike, `top_images`, then `ci` and
+  `runner_up`, then everything but `text`; if even the texts do not fit, unit labels are
+  dropped (sub-unit labels kept), then the labels of the last sub-units in name order, so
+  that every written label is complete at its level (`labels_metadata`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,39 @@ class SubunitLabel:
         return cls(**{key: raw[key] for key in raw if key in cls.__dataclass_fields__})
 
 
+LABELS_MAX_BYTES = 2_000_000  # the `elude.labels` JSON; ONNX metadata is loaded with the model
+_LABEL_LEVELS = (  # what is kept of every label, richest first
+    ("text", "dominant", "share", "ci", "runner_up", "top_images", "n"),
+    ("text", "dominant", "share", "ci", "runner_up", "n"),
+    ("text", "dominant", "share", "n"),
+    ("text",),
+)
+
+
+def labels_for_layers(labels: dict[str, SubunitLabel], layers: list[str]) -> dict[str, SubunitLabel]:
+    """The labels of units and sub-units of the given layers (names are `<layer>/<unit>[.<sub>]`)."""
+    wanted = set(layers)
+    return {name: label for name, label in labels.items() if name.rsplit("/", 1)[0] in wanted}
+
+
+def labels_metadata(labels: dict[str, SubunitLabel], max_bytes: int = LABELS_MAX_BYTES) -> str:
+    """`elude.labels` as JSON of at most `max_bytes`, truncated as the module docstring says."""
+    for keys in _LABEL_LEVELS:
+        text = json.dumps({name: {k: getattr(label, k) for k in keys} for name, label in labels.items()})
+        if len(text.encode("utf-8")) <= max_bytes:
+            return text
+    subunits = sorted(name for name in labels if "." in name.rsplit("/", 1)[-1])
+    kept: dict[str, dict[str, str]] = {}
+    size = 2  # the outer braces
+    for name in subunits:
+        entry = json.dumps({name: {"text": labels[name].text}})
+        size += len(entry.encode("utf-8"))  # the entry without its braces (-2), plus the ", " before it (+2)
+        if size > max_bytes:
+            break
+        kept[name] = {"text": labels[name].text}
+    return json.dumps(kept)
+
+
 @dataclass
 class OnnxContract:
     model_name: str
@@ -151,8 +189,7 @@ class OnnxContract:
             f"{PREFIX}baseline": json.dumps(baseline),
             f"{PREFIX}versions": json.dumps(self.versions),
             f"{PREFIX}export": self.export.to_json(),
-            **({f"{PREFIX}labels": json.dumps({name: vars(label) for name, label in self.labels.items()})}
-               if self.labels else {}),
+            **({f"{PREFIX}labels": labels_metadata(self.labels)} if self.labels else {}),
         }
 
     @classmethod

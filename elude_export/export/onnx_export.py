@@ -38,7 +38,7 @@ from elude_export.artifacts import check_output_path, write_file_atomic
 from elude_export.errors import EludeError, ExportError
 from elude_export.models import LoadedModel
 from elude_export.export.contract import (BATCH_DIM, INPUT_NAME, STEER_BATCH_DIM, LayerBaseline, LayerInfo,
-                                         OnnxContract, TapInfo)
+                                         OnnxContract, SubunitLabel, TapInfo, labels_for_layers)
 from elude_export.export.options import ExportOptions
 from elude_export.plan import STAT_NAMES, Plan
 from elude_export.rewrite import apply_plan, configure_layer_taps, disentangled_layers
@@ -52,8 +52,8 @@ PRODUCER = "elude-export"
 
 
 def output_name(loaded: LoadedModel) -> str:
-    """Original output name: `logits` for classifiers, `embedding` for feature extractors."""
-    return "logits" if loaded.num_classes > 0 else "embedding"
+    """Original output name: the model's own (Hugging Face), else `logits` for classifiers, `embedding` otherwise."""
+    return loaded.output_name or ("logits" if loaded.num_classes > 0 else "embedding")
 
 
 def parse_taps(specs: str | Iterable[str] | None, plan: Plan) -> dict[str, tuple[str, ...]]:
@@ -185,6 +185,7 @@ def export_onnx(
     options: ExportOptions | None = None,
     external_data: bool | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    labels: Mapping[str, SubunitLabel] | None = None,
 ) -> Path:
     """Export `loaded` rewritten by `plan` to `path` (atomically) and return the path.
 
@@ -210,6 +211,7 @@ def export_onnx(
                            low_rank=options.low_rank and any(plan.layer(p).router_a is not None for p in rewritten))
         contract = build_contract(loaded, plan, tap_infos, rewritten, steer_layers, _versions(options.opset, used),
                                   recorded)
+        contract.labels = labels_for_layers(dict(labels or {}), rewritten)  # from `elude label`, checked by the caller
         _finalize(proto, contract, steer_sizes, options.steer_layout)
         external = _write_model(proto, path, work, external_data)
     log(_written(path, used, options.opset, external))

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from elude_export.layers.base import ELEMENTWISE_ACTIVATIONS, LayerAdapter, NeuronLayer, is_linear, register_adapter
+from elude_export.layers.base import (ELEMENTWISE_ACTIVATIONS, LayerAdapter, NeuronLayer, consumer_width, is_linear,
+                                      register_adapter, sequential_parts)
+from elude_export.layers.conv import channel_axis_of, is_pointwise_conv, unit_direction
 
 
 def _linear_children(module: nn.Module) -> list[str]:
     return [name for name, child in module.named_children() if is_linear(child)]
+
+
+def _pair_children(module: nn.Module) -> list[str]:
+    """Names of the Linear children, or else of the 1x1-conv children."""
+    linears = _linear_children(module)
+    return linears or [name for name, child in module.named_children() if is_pointwise_conv(child)]
 
 
 @register_adapter
@@ -18,9 +26,7 @@ class SequentialMlpAdapter(LayerAdapter):
     kind = "sequential"
 
     def matches(self, module: nn.Module) -> bool:
-        if not isinstance(module, nn.Sequential):
-            return False
-        children = [c for c in module if not isinstance(c, (nn.Dropout, nn.Identity))]
+        children = sequential_parts(module)
         return (
             len(children) == 3
             and is_linear(children[0])
@@ -37,7 +43,7 @@ class SequentialMlpAdapter(LayerAdapter):
 
 @register_adapter
 class ExplicitPairAdapter(LayerAdapter):
-    """Any module the user names with `--layers`: its two Linear children are fc1 and the consumer.
+    """Any module the user names with `--layers`: its two Linear (or 1x1 conv) children are fc1 and the consumer.
 
     Only for explicitly requested paths, because we cannot prove from outside that the
     module's forward is elementwise between them; the rewrite's equality check will tell.
@@ -47,9 +53,13 @@ class ExplicitPairAdapter(LayerAdapter):
     explicit_only = True
 
     def matches(self, module: nn.Module) -> bool:
-        linears = [c for c in module.children() if is_linear(c)]
-        return len(linears) == 2 and linears[0].out_features == linears[1].in_features
+        names = _pair_children(module)
+        if len(names) != 2:
+            return False
+        first, second = (getattr(module, name) for name in names)
+        return consumer_width(second) == int(first.weight.shape[0])
 
     def describe(self, path: str, module: nn.Module) -> NeuronLayer:
-        first, consumer = _linear_children(module)
-        return NeuronLayer(path, module, self.kind, consumer, lambda m: getattr(m, first).weight)
+        first, consumer = _pair_children(module)
+        return NeuronLayer(path, module, self.kind, consumer, lambda m: unit_direction(getattr(m, first)),
+                           channel_axis=channel_axis_of(getattr(module, first)))

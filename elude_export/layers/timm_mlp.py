@@ -1,4 +1,8 @@
-"""timm's MLP families: `Mlp` / ungated `GatedMlp`, `GluMlp` / `SwiGLUPacked`, `SwiGLU`."""
+"""timm's MLP families: `Mlp` / ungated `GatedMlp` / `GlobalResponseNormMlp`, `GluMlp` / `SwiGLUPacked`, `SwiGLU`.
+
+`Mlp` and `GlobalResponseNormMlp` come with Linear layers (tokens, or channels-last maps as
+in ConvNeXt with conv_mlp=False) or with 1x1 convs (`use_conv=True`: ConvNeXt's default).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,32 @@ import torch
 from torch import nn
 
 from elude_export.layers.base import LayerAdapter, NeuronLayer, is_linear, register_adapter
+from elude_export.layers.conv import channel_axis_of, is_pointwise_conv, unit_direction
+
+
+def _linear_or_pointwise(module: nn.Module) -> bool:
+    """fc1 and fc2 both Linear, or both 1x1 convs."""
+    return ((is_linear(module.fc1) and is_linear(module.fc2))
+            or (is_pointwise_conv(module.fc1) and is_pointwise_conv(module.fc2)))
 
 
 @register_adapter
 class TimmMlpAdapter(LayerAdapter):
-    """timm `Mlp` (ViT, DeiT, DINOv2, CLIP ViT) and `GatedMlp` without a gate: h = norm(act(fc1 x))."""
+    """timm `Mlp` (ViT, DeiT, DINOv2, CLIP ViT, ConvNeXt), `GlobalResponseNormMlp` and `GatedMlp`
+    without a gate: h = norm(act(fc1 x))."""
 
     kind = "mlp"
 
     def matches(self, module: nn.Module) -> bool:
-        from timm.layers import GatedMlp, Mlp
+        from timm.layers import GatedMlp, GlobalResponseNormMlp, Mlp
 
         if isinstance(module, GatedMlp):
             return isinstance(module.gate, nn.Identity) and is_linear(module.fc1) and is_linear(module.fc2)
-        return isinstance(module, Mlp) and is_linear(module.fc1) and is_linear(module.fc2)
+        return isinstance(module, (Mlp, GlobalResponseNormMlp)) and _linear_or_pointwise(module)
 
     def describe(self, path: str, module: nn.Module) -> NeuronLayer:
-        return NeuronLayer(path, module, self.kind, "fc2", lambda m: m.fc1.weight)
+        return NeuronLayer(path, module, self.kind, "fc2", lambda m: unit_direction(m.fc1),
+                           channel_axis=channel_axis_of(module.fc1))
 
 
 @register_adapter

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from elude_export.errors import ModelLoadError
+from elude_export.models.hf import is_hf_reference, load_hf
 from elude_export.models.spec import InputSpec
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -46,6 +47,7 @@ class LoadedModel:
     name: str
     input_spec: InputSpec
     num_classes: int
+    output_name: str = ""  # the model's own name for its output (Hugging Face: logits / pooler_output)
 
 
 def create_embedded_model(pretrained: bool = True, digits: bool = False) -> nn.Module:
@@ -113,13 +115,17 @@ def load_model(
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Resolve a model by name: `embedded`, or any timm model name (random weights unless told)."""
+    """Resolve a model by name: `embedded`, a Hugging Face folder or `hf:ORG/NAME` (`models/hf.py`), or any
+    timm model name (random weights unless told)."""
     if name in (EMBEDDED_MODEL, EMBEDDED_DIGITS_MODEL):
         digits = name == EMBEDDED_DIGITS_MODEL
         model = create_embedded_model(pretrained=checkpoint is None, digits=digits)
         if checkpoint is not None:
             load_checkpoint_into(model, checkpoint)
         return LoadedModel(model.eval(), name, embedded_input_spec(), 10 if digits else EMBEDDED_ARCH["num_classes"])
+
+    if is_hf_reference(name):
+        return _load_hf_model(name, checkpoint, model_kwargs)
 
     import timm
 
@@ -129,10 +135,7 @@ def load_model(
         raise ModelLoadError(
             f"unknown model '{name}': not a timm model name nor '{EMBEDDED_MODEL}' / '{EMBEDDED_DIGITS_MODEL}'{hint}"
         )
-    try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **(model_kwargs or {}))
-    except Exception as exc:  # hub/network failures and bad kwargs surface as one clear message
-        raise ModelLoadError(f"cannot create timm model '{name}': {exc.__class__.__name__}: {exc}") from exc
+    model = _create_timm(name, pretrained and checkpoint is None, dict(model_kwargs or {}))
     if checkpoint is not None:
         load_checkpoint_into(model, checkpoint)
     spec = _timm_input_spec(model)
@@ -140,3 +143,27 @@ def load_model(
         size = int(model_kwargs["img_size"])
         spec = InputSpec(spec.channels, size, size, spec.mean, spec.std)
     return LoadedModel(model.eval(), name, spec, int(getattr(model, "num_classes", 0) or 0))
+
+
+def _load_hf_model(name: str, checkpoint: str | Path | None, model_kwargs: dict[str, Any] | None) -> LoadedModel:
+    if model_kwargs:
+        raise ModelLoadError(f"{', '.join(model_kwargs)} cannot be set for Hugging Face model '{name}': "
+                             "its saved config and image processor fix the architecture and input size")
+    model, spec, classes = load_hf(name)
+    if checkpoint is not None:
+        load_checkpoint_into(model, checkpoint)
+    return LoadedModel(model, name, spec, classes, model.output)
+
+
+def _create_timm(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model; CNNs take no `img_size` (they run at any size), so it only sets their input spec."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        if "img_size" in kwargs and "img_size" in str(exc):
+            return _create_timm(name, pretrained, {k: v for k, v in kwargs.items() if k != "img_size"})
+        raise ModelLoadError(f"cannot create timm model '{name}': {exc.__class__.__name__}: {exc}") from exc
+    except Exception as exc:  # hub/network failures and bad kwargs surface as one clear message
+        raise ModelLoadError(f"cannot create timm model '{name}': {exc.__class__.__name__}: {exc}") from exc

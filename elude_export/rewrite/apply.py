@@ -18,7 +18,7 @@ from typing import Iterable
 from torch import nn
 
 from elude_export.errors import PlanError
-from elude_export.layers import describe_layer
+from elude_export.layers import NeuronLayer, describe_layer
 from elude_export.models import fingerprint_model
 from elude_export.plan import LayerPlan, Plan
 from elude_export.rewrite.layer import DisentangledLayer
@@ -26,7 +26,7 @@ from elude_export.rewrite.taps import configure_taps
 from elude_export.vocabulary import MODES, POOLINGS
 
 
-def _check_layer(model_modules: dict[str, nn.Module], layer: LayerPlan) -> tuple[nn.Module, str]:
+def _check_layer(model_modules: dict[str, nn.Module], layer: LayerPlan) -> NeuronLayer:
     module = model_modules.get(layer.path)
     if module is None:
         raise PlanError(f"plan layer '{layer.path}' does not exist in this model")
@@ -38,7 +38,7 @@ def _check_layer(model_modules: dict[str, nn.Module], layer: LayerPlan) -> tuple
             f"plan layer '{layer.path}' has {layer.n_units} units of input size {layer.d_in}, "
             f"the model's has {described.n_units} of {described.d_in}: plan is for another model"
         )
-    return module, described.consumer_name
+    return described
 
 
 def apply_plan(
@@ -62,11 +62,11 @@ def apply_plan(
         )
     chosen = [plan.layer(path) for path in layers] if layers is not None else plan.layers
     modules = dict(model.named_modules())
-    checked = [(layer, *_check_layer(modules, layer)) for layer in chosen]
+    checked = [(layer, _check_layer(modules, layer)) for layer in chosen]
     target = model if inplace else copy.deepcopy(model)
     target_modules = dict(target.named_modules())
-    for layer, _module, consumer_name in checked:
-        wrapped = DisentangledLayer(target_modules[layer.path], consumer_name, layer, plan, mode, low_rank)
+    for layer, described in checked:
+        wrapped = DisentangledLayer(target_modules[layer.path], described, layer, plan, mode, low_rank)
         target.set_submodule(layer.path, wrapped)
     configure_taps(target, poolings, token_taps)
     return target.eval()

@@ -3,7 +3,11 @@
 - fused (default): `fc2(h * s[j, route_j])`; with all steers at 1 no multiply is even run in
   PyTorch, and in exported graphs the multiply is by exactly 1.0: bitwise-equal outputs.
 - explicit: `fc2` becomes a linear map over the expanded sub-unit vector `u` (each weight
-  column repeated K_j times): equal up to float re-association.
+  column repeated K_j times; for a conv consumer each input channel of its kernel): equal up to
+  float re-association.
+`fc2` is an `nn.Linear` on (B, H), (B, N, H) or channels-last (B, h, w, H), or an `nn.Conv2d`
+on (B, H, h, w); routes, steers and taps are computed on tokens (`layers/layout.py`) and put
+back into `h`'s layout, so one code path serves every family.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elude_export.errors import PlanError
+from elude_export.layers.layout import CHANNELS_LAST, from_tokens, to_tokens
 from elude_export.plan import LayerPlan
 from elude_export.rewrite.pooling import pool_tokens, select_columns
 from elude_export.vocabulary import MODES, POOLINGS, TOKEN_TAP
@@ -25,12 +31,16 @@ class SubunitConsumer(nn.Module):
     the batch (one per image; what a batching server such as Triton needs).
     """
 
-    def __init__(self, linear: nn.Linear, layer: LayerPlan, mode: str):
+    def __init__(self, linear: nn.Linear | nn.Conv2d, layer: LayerPlan, mode: str, channel_axis: int = CHANNELS_LAST):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (use {' or '.join(MODES)})")
+        if mode == "explicit" and isinstance(linear, nn.Conv2d) and linear.groups != 1:
+            raise PlanError(f"layer {layer.path}: explicit mode needs an ungrouped consumer conv (this one has "
+                            f"{linear.groups} groups); use the fused mode")
         self.mode = mode
         self.linear = linear
+        self.channel_axis = channel_axis
         self.k_max = layer.k_max
         parent, sub = layer.columns()
         offsets = layer.unit_offsets()
@@ -53,6 +63,10 @@ class SubunitConsumer(nn.Module):
         self.steer_override: torch.Tensor | None = None
         self.taps: dict[str, torch.Tensor] = {}
 
+    def tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """`h` as (B, tokens, units), whatever the consumer's layout."""
+        return to_tokens(h, self.channel_axis)
+
     def _active_steer(self) -> torch.Tensor | None:
         if self.steer_override is not None:
             return self.steer_override.to(self.steer.dtype)
@@ -62,21 +76,29 @@ class SubunitConsumer(nn.Module):
         route = self.route
         if route is None:
             raise RuntimeError("SubunitConsumer called outside its DisentangledLayer")
-        tokens = h if h.ndim == 3 else h.unsqueeze(1)
+        tokens = self.tokens(h)
         token_route = route if route.ndim == 3 else route.unsqueeze(1)  # context: (B, 1, H)
+        if token_route.shape[1] not in (1, tokens.shape[1]):
+            raise PlanError(f"token router: the layer's input has {token_route.shape[1]} positions but its units "
+                            f"{tokens.shape[1]} (a strided producer); fit this layer with the context router")
         self.taps = self._taps(tokens, token_route)
         steer = self._active_steer()
         if self.mode == "explicit":
-            mask = (select_columns(token_route, self.parent) == self.sub).to(h.dtype)
-            expanded = select_columns(tokens, self.parent) * mask
+            mask = (select_columns(token_route, self.parent) == self.sub).to(h.dtype)  # (B, n, S)
             if steer is not None:
-                expanded = expanded * (steer.to(h.dtype) if steer.ndim == 1 else steer.to(h.dtype).unsqueeze(1))
-            out = F.linear(expanded, self.expanded_weight, self.linear.bias)
-            return out if h.ndim == 3 else out.squeeze(1)
+                mask = mask * (steer.to(h.dtype) if steer.ndim == 1 else steer.to(h.dtype).unsqueeze(1))
+            expanded = torch.index_select(h, self.channel_axis, self.parent)
+            return self._consume(expanded * from_tokens(mask, h, self.channel_axis), self.expanded_weight)
         if steer is not None:
             factor = self._steer_factor(steer.to(h.dtype), token_route)
-            return self.linear(h * (factor if h.ndim == 3 else factor.squeeze(1)))
+            return self.linear(h * from_tokens(factor, h, self.channel_axis))
         return self.linear(h)
+
+    def _consume(self, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The consumer's own operation with another weight (same bias, stride, padding)."""
+        if isinstance(self.linear, nn.Conv2d):
+            return self.linear._conv_forward(u, weight, self.linear.bias)
+        return F.linear(u, weight, self.linear.bias)
 
     def _steer_factor(self, steer: torch.Tensor, token_route: torch.Tensor) -> torch.Tensor:
         """(B, n, H) scale of each unit's active sub-unit; n is 1 for context routing."""

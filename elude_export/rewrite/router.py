@@ -7,16 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from elude_export.layers import context_vector
+from elude_export.layers.layout import CHANNELS_LAST, to_tokens
 from elude_export.plan import LayerPlan
 
 
 class SubunitRouter(nn.Module):
-    """Layer input -> index of the active sub-unit of every unit (0 for units that stay whole)."""
+    """Layer input -> index of the active sub-unit of every unit (0 for units that stay whole).
 
-    def __init__(self, layer: LayerPlan, router: str, context_token: str, low_rank: bool):
+    A feature map input (NCHW or NHWC, per `channel_axis`) is read as tokens = spatial positions.
+    """
+
+    def __init__(self, layer: LayerPlan, router: str, context_token: str, low_rank: bool,
+                 channel_axis: int = CHANNELS_LAST):
         super().__init__()
         self.router = router
         self.context_token = context_token
+        self.channel_axis = channel_axis
         self.n_units = layer.n_units
         self.n_split = int(layer.split_units.numel())
         self.k_max = layer.k_max
@@ -38,9 +44,9 @@ class SubunitRouter(nn.Module):
 
     def describe(self, x: torch.Tensor) -> torch.Tensor:
         """What routing looks at: the context vector per image, or every token."""
-        if self.router == "context" and x.ndim == 3:
-            return context_vector(x, self.context_token)
-        return x
+        if self.router == "context" and x.ndim >= 3:
+            return context_vector(x, self.context_token, self.channel_axis)
+        return to_tokens(x, self.channel_axis) if x.ndim == 4 else x
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n_split, Kmax) routing scores of the split units, -inf on padded rows."""

@@ -9,6 +9,7 @@ from elude_export.evidence.baselines import units  # noqa: F401
 from elude_export.evidence.baselines import elude  # noqa: F401
 from elude_export.evidence.baselines import random_split  # noqa: F401
 from elude_export.evidence.baselines import shuffle  # noqa: F401
+from elude_export.evidence.baselines import global_cluster  # noqa: F401
 from elude_export.evidence.baselines import sae  # noqa: F401
 # isort: on
 from elude_export.evidence.baselines.base import (

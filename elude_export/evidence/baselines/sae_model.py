@@ -217,3 +217,17 @@ def collect_hidden_tokens(
     if any(rows.shape[0] == 0 for rows in out.values()):
         raise DataError(f"no activations collected from {source.name}")
     return out
+
+
+def train_layer_saes(model: nn.Module, layers: list[NeuronLayer], n_latents: dict[str, int], source: ImageSource,
+                     spec: InputSpec, config: SAEConfig, batch_size: int = 64, device: torch.device | str = "cpu",
+                     log=lambda _m: None) -> dict[str, TopKSAE]:
+    """One SAE per layer on `source`'s tokens, `n_latents[path]` latents each (the layer's sub-units)."""
+    tokens = collect_hidden_tokens(model, layers, source, spec, batch_size=batch_size, device=device, seed=config.seed)
+    saes = {}
+    for layer in layers:
+        layer_config = SAEConfig(**{**vars(config), "n_latents": n_latents[layer.path]})
+        saes[layer.path], history = train_sae(tokens[layer.path], layer_config, device)
+        log(f"  SAE {layer.path}: {layer_config.n_latents} latents, k={saes[layer.path].k}, {history.steps} steps "
+            f"in {history.seconds:.0f}s, held-out FVU {history.fvu[-1][1]:.4f}")
+    return saes
