@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from elude_export.cli import main
 from elude_export.models import create_embedded_model
-from elude_export.plan import load_plan
+from elude_export.plan import SCHEMA_VERSION, load_plan
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_fit_then_inspect(workspace: Path) -> None:
     shown = runner.invoke(main, ["inspect", str(plan_path)])
     assert shown.exit_code == 0 and "blocks.3.mlp" in shown.output and "K2:384" in shown.output
     as_json = runner.invoke(main, ["inspect", str(plan_path), "--json"])
-    assert '"schema_version": 1' in as_json.output
+    assert f'"schema_version": {SCHEMA_VERSION}' in as_json.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -69,3 +69,32 @@ def test_elongated_unimodal_clouds_stay_whole() -> None:
     rotation = torch.linalg.qr(torch.randn(16, 64, 64, generator=generator))[0]
     cloud = mean + 0.3 * (torch.randn(16, 256, 64, generator=generator) * torch.logspace(0, -2, 64)) @ rotation
     assert select_k(cloud, k_max=4, rule="gap").k.tolist() == [1] * 16
+
+
+def test_coordinates_keep_cosines_and_centroids_are_exact_in_profile_space() -> None:
+    """d > M: k-means runs on (M, M) coordinates; the lifted centroids are the clusters' mean directions."""
+    from elude_export.fitting.kmeans import unit_coordinates
+
+    data, _ = _planted(units=6, points=40, dim=128, k=3, noise=0.1, seed=8)
+    points = F.normalize(data, dim=-1)
+    coords = unit_coordinates(points)
+    assert coords.shape == (6, 40, 40)
+    assert torch.allclose(coords @ coords.transpose(1, 2), points @ points.transpose(1, 2), atol=1e-5)
+    result = spherical_kmeans(data, 3, seed=1)
+    onehot = F.one_hot(result.labels, 3).float().transpose(1, 2)
+    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-4)
+
+
+def test_duplicate_points_take_the_exact_fallback() -> None:
+    """A rank-deficient Gram matrix (repeated profiles) must not break the coordinates or the centroids."""
+    from elude_export.fitting.kmeans import unit_coordinates
+
+    data, _ = _planted(units=3, points=20, dim=64, k=2, noise=0.1, seed=9)
+    data = torch.cat([data, data], dim=1)  # every profile twice: Gram of rank <= 20 < M = 40
+    points = F.normalize(data, dim=-1)
+    coords = unit_coordinates(points)
+    assert torch.isfinite(coords).all()
+    assert torch.allclose(coords @ coords.transpose(1, 2), points @ points.transpose(1, 2), atol=1e-5)
+    result = spherical_kmeans(data, 2, seed=1)
+    onehot = F.one_hot(result.labels, 2).float().transpose(1, 2)
+    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-4)

@@ -36,14 +36,15 @@ def main() -> None:
 
 
 def _register() -> None:
-    from elude_export.cli import core, evidence, export
+    from elude_export.cli import core, evidence, export, fitting
     from serving.cli import serve_command
 
     for command in (
-        core.fit_command, core.inspect_command, core.demo_command,
+        fitting.calibrate_command, fitting.fit_command, core.inspect_command, core.demo_command,
         export.export_command, export.validate_command,
         serve_command,
         evidence.evaluate_command, evidence.report_command, evidence.steer_command,
+        evidence.label_command,
     ):
         main.add_command(command)
 

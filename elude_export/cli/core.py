@@ -1,4 +1,4 @@
-"""`elude fit`, `elude inspect`, `elude demo`."""
+"""`elude inspect`, `elude demo`, and the model options every command shares (`fit` lives in `fitting.py`)."""
 
 from __future__ import annotations
 
@@ -31,54 +31,6 @@ def load_model_from_options(model: str, checkpoint: Path | None, pretrained: boo
 def split_patterns(values: tuple[str, ...]) -> list[str] | None:
     patterns = [p.strip() for value in values for p in value.split(",") if p.strip()]
     return patterns or None
-
-
-@click.command("fit")
-@click.argument("model", default="embedded")
-@model_options
-@click.option("--data", default="embedded:calib", show_default=True,
-              help="Calibration images: embedded[:split], digits[:split], a .npy/.npz file, a CIFAR batch folder "
-                   "or an image folder. Labels are not used.")
-@click.option("--limit", type=int, default=None, help="Use at most this many calibration images.")
-@click.option("--layers", "layer_patterns", multiple=True,
-              help="Glob(s) of module paths to rewrite, e.g. 'blocks.*.mlp' (default: every neuron layer).")
-@click.option("--router", type=click.Choice(["context", "token"]), default="context", show_default=True,
-              help="context: route every token of an image by its CLS input (purer sub-units); token: per token.")
-@click.option("--top-m", type=click.IntRange(8), default=256, show_default=True,
-              help="Top activations per unit to cluster.")
-@click.option("--per-image-cap", type=click.IntRange(1), default=2, show_default=True,
-              help="Token router: at most this many tokens of one image per unit.")
-@click.option("--k-max", type=click.IntRange(1, 16), default=8, show_default=True, help="Most sub-units per unit.")
-@click.option("--k-rule", type=click.Choice(["gap", "fixed"]), default="gap", show_default=True,
-              help="gap: split a unit only where its clusters beat a covariance-matched null; fixed: every unit gets --k-max.")
-@click.option("--min-gain", type=float, default=0.02, show_default=True,
-              help="gap rule: required dispersion gain over the null for each extra sub-unit.")
-@click.option("--router-rank", type=click.IntRange(1), default=None,
-              help="Also store a rank-r factorisation of the routing matrix (cheaper routing).")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.safetensors"),
-              show_default=True, help="Plan file to write (atomically).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def fit_command(model, checkpoint, pretrained, img_size, data, limit, layer_patterns, router, top_m, per_image_cap,
-                k_max, k_rule, min_gain, router_rank, batch_size, device, seed, output, quiet):
-    """Fit a plan: calibrate MODEL on unlabelled images and split its neurons into sub-units."""
-    from elude_export.models import resolve_device
-    from elude_export.fitting.fit import FitConfig, fit
-    from elude_export.data.sources import open_source
-
-    if not output.parent.exists():
-        raise DataError(f"output directory {output.parent} does not exist")
-    loaded = load_model_from_options(model, checkpoint, pretrained, img_size)
-    source = open_source(data, (loaded.input_spec.height, loaded.input_spec.width))
-    config = FitConfig(router=router, top_m=top_m, per_image_cap=per_image_cap, k_max=k_max, k_rule=k_rule,
-                       min_gain=min_gain, router_rank=router_rank, batch_size=batch_size, limit=limit, seed=seed,
-                       layers=split_patterns(layer_patterns))
-    report = fit(loaded, source, config, resolve_device(device), progress=not quiet, log=click.echo)
-    report.plan.save(output)
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items())
-    click.echo(f"wrote {output}: {len(report.plan.layers)} layer(s), {report.plan.n_subunits} sub-units ({seconds})")
 
 
 @click.command("inspect")

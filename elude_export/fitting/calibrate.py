@@ -8,11 +8,20 @@ descriptor each kept activation will be clustered by, never all tokens of all im
 - `token` router: the descriptor is the token's own input; we keep `(M, units, d)` vectors, and
   at most `per_image_cap` tokens of one image per unit, so one image cannot dominate a unit.
   Layers are grouped into passes so that these buffers stay under `max_buffer_bytes`.
+
+Each forward pass stops (a private `_StopForward` raised from the hook) once every layer of the
+pass has been seen, so layers after the last target cost nothing. The kept top-M is ordered by
+(value descending, image id ascending): the top-M of a union is then one well-defined list,
+whichever way the images were batched or sharded, which is what makes shards mergeable
+exactly (`fitting/parts.py`). Image ids are global: a shard passes its first image's id.
 """
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,15 +41,35 @@ class LayerActivations:
     top_values: torch.Tensor  # (M, H) descending per unit
     top_images: torch.Tensor  # (M, H) image index of each kept activation
     descriptors: torch.Tensor | None  # token router: (M, H, d)
-    contexts: torch.Tensor | None  # context router: (N_images, d)
+    contexts: torch.Tensor | None  # context router: (n_images, d), row i is image first_image + i
     n_images: int
+    first_image: int = 0
 
     def unit_descriptors(self, units: slice | torch.Tensor) -> torch.Tensor:
         """(units, M, d) descriptors for a block of units: what their profiles are built from."""
         if self.descriptors is not None:
             return self.descriptors[:, units].transpose(0, 1)
         assert self.contexts is not None
-        return self.contexts[self.top_images[:, units].transpose(0, 1)]
+        return self.contexts[self.top_images[:, units].transpose(0, 1) - self.first_image]
+
+
+class _StopForward(Exception):
+    """Raised by the last hook of a pass: the rest of the model is not needed."""
+
+
+def top_m_merge(
+    values: torch.Tensor, images: torch.Tensor, descriptors: torch.Tensor | None, keep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keep the `keep` largest candidates per unit, ordered by (value desc, image id asc).
+
+    values/images (C, H), descriptors (C, H, d). Ties break by image id, then candidate order,
+    so the result does not depend on how images were grouped into batches or shards.
+    """
+    by_image = images.argsort(dim=0, stable=True)
+    order = by_image.gather(0, values.gather(0, by_image).argsort(dim=0, descending=True, stable=True))[:keep]
+    picked = descriptors.gather(0, order[..., None].expand(order.shape[0], *descriptors.shape[1:])) \
+        if descriptors is not None else None
+    return values.gather(0, order), images.gather(0, order), picked
 
 
 class _TopMStream:
@@ -58,6 +87,7 @@ class _TopMStream:
         self.contexts: list[torch.Tensor] = []
         self.pending_input: torch.Tensor | None = None
         self.batch_images: torch.Tensor | None = None
+        self.on_done: Callable[[], None] = lambda: None  # called once this batch is recorded
 
     def on_input(self, _module: nn.Module, args: tuple) -> None:
         self.pending_input = args[0]
@@ -66,8 +96,8 @@ class _TopMStream:
         x, h = self.pending_input, args[0]
         assert x is not None and self.batch_images is not None
         self.pending_input = None
-        if x.ndim == 2:  # pooled features: one "token" per image
-            x, h = x.unsqueeze(1), h.unsqueeze(1)
+        # (B, tokens, channels) whatever the layout: flat features, sequences, NCHW / NHWC maps
+        x, h = self.layer.to_tokens(x), self.layer.to_tokens(h)
         if x.ndim != 3 or h.ndim != 3:
             raise DataError(f"layer {self.layer.path}: expected (batch, tokens, dim) activations, got {tuple(h.shape)}")
         x, h = x.detach().float(), h.detach().float()
@@ -88,6 +118,7 @@ class _TopMStream:
             )  # (B, cap, H, d)
             images = self.batch_images[:, None, None].expand(batch, cap, units)
             self._merge(values.reshape(-1, units), images.reshape(-1, units), gathered.reshape(-1, units, x.shape[2]))
+        self.on_done()
 
     def _merge(self, values: torch.Tensor, images: torch.Tensor, descriptors: torch.Tensor | None) -> None:
         if self.values is not None:
@@ -95,13 +126,9 @@ class _TopMStream:
             images = torch.cat([self.images, images])
             if descriptors is not None:
                 descriptors = torch.cat([self.descriptors, descriptors])
-        keep = min(self.top_m, values.shape[0])
-        self.values, order = values.topk(keep, dim=0)
-        self.images = images.gather(0, order)
-        if descriptors is not None:
-            self.descriptors = descriptors.gather(0, order[..., None].expand(keep, *descriptors.shape[1:]))
+        self.values, self.images, self.descriptors = top_m_merge(values, images, descriptors, self.top_m)
 
-    def result(self, n_images: int) -> LayerActivations:
+    def result(self, n_images: int, first_image: int) -> LayerActivations:
         assert self.values is not None and self.images is not None
         return LayerActivations(
             self.layer.path,
@@ -110,6 +137,7 @@ class _TopMStream:
             self.descriptors.cpu() if self.descriptors is not None else None,
             torch.cat(self.contexts) if self.contexts else None,
             n_images,
+            first_image,
         )
 
 
@@ -142,8 +170,12 @@ def collect_activations(
     limit: int | None = None,
     max_buffer_bytes: int = 2 << 30,
     progress: bool = False,
+    first_image: int = 0,
 ) -> dict[str, LayerActivations]:
-    """Run the model over the source and keep each unit's top-M activations with descriptors."""
+    """Run the model over the source and keep each unit's top-M activations with descriptors.
+
+    `first_image` is the global id of the source's first image (a shard's offset).
+    """
     if router not in ROUTERS:
         raise DataError(f"unknown router '{router}' (use {' or '.join(ROUTERS)})")
     device = torch.device(device)
@@ -154,16 +186,27 @@ def collect_activations(
         streams = [_TopMStream(layer, router, top_m, per_image_cap) for layer in group]
         handles = []
         for stream in streams:
-            handles.append(stream.layer.module.register_forward_pre_hook(stream.on_input))
+            handles.append(stream.layer.input_module.register_forward_pre_hook(stream.on_input))
             handles.append(stream.layer.consumer.register_forward_pre_hook(stream.on_hidden))
         seen = 0
+        remaining = [0]
+
+        def one_done() -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                raise _StopForward
+
+        for stream in streams:
+            stream.on_done = one_done
         try:
             label = f"calibrate {number + 1}/{len(passes)}" if len(passes) > 1 else "calibrate"
             for indices, batch in model_batches(source, spec, batch_size, device, dtype, limit, progress, label):
-                image_ids = torch.as_tensor(indices, device=device)
+                image_ids = torch.as_tensor(indices + first_image, device=device)
                 for stream in streams:
                     stream.batch_images = image_ids
-                model(batch)
+                remaining[0] = len(streams)
+                with suppress(_StopForward):  # raised once every layer of the pass has its activations
+                    model(batch)
                 seen += len(indices)
         finally:
             for handle in handles:
@@ -173,5 +216,5 @@ def collect_activations(
         for stream in streams:
             if stream.values is None:
                 raise DataError(f"layer {stream.layer.path} never ran during calibration: is it used in forward()?")
-            results[stream.layer.path] = stream.result(seen)
+            results[stream.layer.path] = stream.result(seen, first_image)
     return results

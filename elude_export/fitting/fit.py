@@ -10,10 +10,11 @@ import torch
 
 from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
-from elude_export.fitting.calibrate import collect_activations
+from elude_export.fitting.calibrate import LayerActivations, collect_activations
+from elude_export.fitting.memory import PeakMemory
 from elude_export.fitting.routers import fit_layer
 from elude_export.fitting.statistics import QUANTILE_LEVELS, subunit_statistics
-from elude_export.layers import find_layers
+from elude_export.layers import find_layers, survey_layers
 from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.plan import Plan
 
@@ -46,6 +47,7 @@ class FitReport:
     plan: Plan
     seconds: dict[str, float] = field(default_factory=dict)
     n_images: int = 0
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)  # "rss" (process), "cuda" (allocated)
 
 
 def fit(
@@ -55,24 +57,43 @@ def fit(
     device: torch.device | str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] = lambda _msg: None,
+    activations: dict[str, LayerActivations] | None = None,
 ) -> FitReport:
-    """Calibrate, fit routers for every target layer, measure statistics; return the Plan."""
+    """Calibrate, fit routers for every target layer, measure statistics; return the Plan.
+
+    `activations` (from merged calibration parts, `parts.py`) replaces the calibration pass;
+    `source` is then used for the statistics pass only.
+    """
     config = config or FitConfig()
     if config.k_max < 1:
         raise DataError("k_max must be at least 1")
     device = torch.device(device)
     model = loaded.model.eval().to(device)
     layers = find_layers(model, config.layers)
+    log(f"found {len(layers)} neuron layer(s): {', '.join(layer.summary() for layer in layers)}")
+    if not config.layers:  # with --layers the user chose; without, say what was left out and why
+        for skipped in survey_layers(model, layers):
+            log(f"  skipped {skipped.line()}")
     seconds: dict[str, float] = {}
+    peak = PeakMemory(device)
 
     started = time.perf_counter()
-    acts = collect_activations(
-        model, layers, source, loaded.input_spec, config.router, config.top_m, config.per_image_cap,
-        config.batch_size, device, config.limit, progress=progress,
-    )
-    seconds["calibrate"] = time.perf_counter() - started
+    if activations is None:
+        acts = collect_activations(
+            model, layers, source, loaded.input_spec, config.router, config.top_m, config.per_image_cap,
+            config.batch_size, device, config.limit, progress=progress,
+        )
+        seconds["calibrate"] = time.perf_counter() - started
+    else:
+        missing = [layer.path for layer in layers if layer.path not in activations]
+        if missing:
+            raise DataError(f"calibration parts lack layer(s) {', '.join(missing)}")
+        acts = activations
     n_images = next(iter(acts.values())).n_images
-    log(f"calibrated {len(layers)} layer(s) on {n_images} images in {seconds['calibrate']:.1f}s")
+    if "calibrate" in seconds:
+        log(f"calibrated {len(layers)} layer(s) on {n_images} images in {seconds['calibrate']:.1f}s")
+    else:
+        log(f"calibration of {len(layers)} layer(s) on {n_images} images merged from parts")
 
     started = time.perf_counter()
     layer_plans = []
@@ -91,4 +112,4 @@ def fit(
     started = time.perf_counter()
     subunit_statistics(loaded, plan, source, config, device, progress)
     seconds["statistics"] = time.perf_counter() - started
-    return FitReport(plan, seconds, n_images)
+    return FitReport(plan, seconds, n_images, peak.megabytes())

@@ -37,7 +37,7 @@ def subunit_statistics(
     handles = [
         layer.consumer.register_forward_pre_hook(
             lambda _m, args, path=path: unit_max[path].append(
-                (args[0] if args[0].ndim == 3 else args[0].unsqueeze(1)).float().amax(1).cpu()))
+                layers[path].consumer.tokens(args[0]).float().amax(1).cpu()))
         for path, layer in layers.items()
     ]
     try:
