@@ -1,7 +1,4 @@
-"""Batched spherical k-means and the choice of K per unit.
-
-All units of a layer are clustered at once as one `(units, points, dim)` tensor computation,
-so fitting a 3072-unit layer is a handful of batched matmuls (GPU-capable), not a python loop.
+"""The original (pre-issue-9) batched spherical k-means, kept only as the baseline benchmarks compare against.
 
 K rule ("gap"): going from K-1 to K clusters must raise the mean cosine-to-centroid by a
 larger share of the remaining dispersion than it does on a *null* sample with the same mean
@@ -14,26 +11,10 @@ every unit `k_max` sub-units.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class KMeansResult:
-    centroids: torch.Tensor  # (U, K, d), unit norm
-    labels: torch.Tensor  # (U, M) cluster index per point
-    objective: torch.Tensor  # (U,) mean cosine similarity of points to their centroid
-
-
-@dataclass
-class KSelection:
-    k: torch.Tensor  # (U,) chosen K per unit
-    centroids: torch.Tensor  # (U, k_max, d); rows >= k[u] are zero
-    labels: torch.Tensor  # (U, M) labels under the chosen K
-    gain: torch.Tensor  # (U, k_max) relative dispersion gain per K (index 0 unused)
-    null_gain: torch.Tensor  # (U, k_max) the same on the null points
+from elude_export.fitting.kmeans import KMeansResult, KSelection  # the same result types as the library
 
 
 def _plus_plus_init(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

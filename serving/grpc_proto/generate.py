@@ -1,4 +1,8 @@
-"""Regenerate `grpc_predict_v2_pb2.py` from `grpc_predict_v2.proto` (needs grpcio-tools; build time only).
+"""Regenerate `grpc_predict_v2_pb2.py` from `grpc_predict_v2.proto` (build time only).
+
+Run it with `grpcio-tools==1.74.*` in a scratch venv: its gencode (protobuf 6.31.1) loads on
+any protobuf runtime >= 6.31.1, 7.x included, while `tritonclient[grpc]` (the test client)
+needs protobuf < 7; a newer grpcio-tools would demand a runtime no test setup can have.
 
 The generated module is then moved into a private descriptor pool: the messages keep their
 wire names (`inference.*`, so Triton and KServe clients talk to the server unchanged) without
