@@ -118,7 +118,6 @@ def test_global_control_is_one_image_clustering_shared_by_units_with_the_same_k(
     from elude_export.evidence.baselines.global_cluster import GlobalClusterBaseline
     from elude_export.evidence.collect import collect
     from elude_export.evidence.evaluate import make_setup
-    from elude_export.models import model_batches
 
     loaded, plan = small_fitted_plan(seed=0, layer="blocks.1.mlp", k_max=3)
     config = EvalConfig(top_n=4, limit=64, sae=False, sae_limit=96)
@@ -127,9 +126,7 @@ def test_global_control_is_one_image_clustering_shared_by_units_with_the_same_k(
     control.fit()
     layer = plan.layers[0]
     assert set(control.centroids[layer.path]) == {3}  # fixed K = 3: one clustering
-    _, batch = next(iter(model_batches(open_source("embedded:test"), loaded.input_spec, 48, torch.device("cpu"),
-                                       torch.float32)))
-    route = control.routes(batch)[layer.path]
+    route = control.routes(control.image_contexts(open_source("embedded:test").subset(np.arange(48))))[layer.path]
     split = layer.split_units.tolist()
     assert (route[:, split] == route[:, split[:1]]).all()  # the same partition for every unit
     assert len(route[:, split[0]].unique()) >= 2  # and it does split the images

@@ -18,7 +18,7 @@ from torch import nn
 
 from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
-from elude_export.evidence.baselines.base import Baseline, EvalSetup, SharedForward
+from elude_export.evidence.baselines.base import Baseline, EvalSetup, SharedForward, image_context
 from elude_export.models import model_batches
 from elude_export.rewrite import apply_plan, disentangled_layers
 from elude_export.vocabulary import IMAGE_POOLING
@@ -81,6 +81,10 @@ def collect(setup: EvalSetup, source: ImageSource, baselines: Mapping[str, Basel
                for path, layer in setup.neuron_layers.items()]
     handles += [layer.router.register_forward_hook(lambda _m, _i, out, path=path: routes.__setitem__(path, out))
                 for path, layer in rewritten_layers.items()]
+    contexts: dict[str, torch.Tensor] = {}
+    handles += [layer.input_module.register_forward_pre_hook(
+        lambda _m, args, layer=layer: contexts.__setitem__(layer.path, image_context(layer, args[0])))
+        for layer in setup.neuron_layers.values()]
     tops: dict[str, dict[str, RunningTopN]] = {name: {} for name in baselines}
     embeddings, correct, n_images, embedding_name = [], 0, 0, "pre_logits"
     dtype = next(model.parameters()).dtype
@@ -89,12 +93,13 @@ def collect(setup: EvalSetup, source: ImageSource, baselines: Mapping[str, Basel
                                             config.limit):
             labels = torch.as_tensor(source.labels[indices], device=device)
             logits, embedding, embedding_name = image_embedding(model, batch)
-            consumed = dict(hidden)  # before any other forward (a spliced SAE, a control) overwrites it
+            # before any other forward (a spliced SAE, a control) overwrites them
+            consumed, seen_contexts = dict(hidden), dict(contexts)
             rewritten_logits = rewritten(batch)
             forward = SharedForward(
                 batch, labels, torch.as_tensor(indices), logits, consumed, rewritten_logits,
                 {path: layer.taps[IMAGE_POOLING] for path, layer in rewritten_layers.items()},
-                {path: routes[path] for path in rewritten_layers})
+                {path: routes[path] for path in rewritten_layers}, seen_contexts)
             embeddings.append(F.normalize(embedding.float(), dim=-1).cpu())
             correct += int((logits.argmax(1) == labels).sum())
             n_images += len(indices)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from elude_export.layers import NeuronLayer, context_vector
 from elude_export.vocabulary import unit_name
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class SharedForward:
     rewritten_logits: torch.Tensor  # of the ELUDe-rewritten model
     taps: dict[str, torch.Tensor]  # per layer, the rewritten model's image taps (B, S), IMAGE_POOLING
     routes: dict[str, torch.Tensor]  # per layer in module order, its router output: (B, H) or (B, T, H)
+    contexts: dict[str, torch.Tensor]  # per layer, the original model's image context of its input (B, d)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,11 @@ class Columns:
     parent: np.ndarray  # (C,) parent unit; an unpaired family's column is its own group
     split: np.ndarray  # (C,) the parent unit has K > 1
     names: list[str]
+
+
+def image_context(layer: NeuronLayer, x: torch.Tensor) -> torch.Tensor:
+    """(B, d) float context of a layer input, by the layer's own routing-context rule."""
+    return context_vector(layer.to_tokens(x), layer.context_token).float()
 
 
 def image_max(h: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from elude_export.evidence.baselines.base import EvalSetup, SharedForward, SubunitBaseline, image_max
+from elude_export.evidence.baselines.base import EvalSetup, SharedForward, SubunitBaseline, image_context, image_max
 from elude_export.evidence.baselines.registry import register_baseline
 from elude_export.fitting.kmeans import spherical_kmeans
-from elude_export.layers import context_vector
 from elude_export.models import model_batches
 
 
@@ -37,7 +36,7 @@ class GlobalClusterBaseline(SubunitBaseline):
         if setup.fit_source is None:
             setup.log("global-clustering control skipped: no fit data (--sae-data) to cluster")
             return
-        contexts = self._contexts(setup.fit_source)
+        contexts = self.image_contexts(setup.fit_source)
         for path, layer in setup.layers.items():
             mean = contexts[path].mean(0)
             points = F.normalize(contexts[path] - mean, dim=-1)
@@ -51,14 +50,13 @@ class GlobalClusterBaseline(SubunitBaseline):
         self.parent_sub = {path: [t.to(setup.device) for t in layer.columns()] for path, layer in setup.layers.items()}
 
     @torch.no_grad()
-    def _contexts(self, source) -> dict[str, torch.Tensor]:
+    def image_contexts(self, source) -> dict[str, torch.Tensor]:
         """Each layer's image context (B, d) over `source` (CPU, float)."""
         setup = self.setup
         seen: dict[str, list[torch.Tensor]] = {path: [] for path in setup.layers}
         layers = {path: setup.neuron_layers[path] for path in setup.layers}
-        handles = [layer.module.register_forward_pre_hook(
-            lambda _m, args, path=path, token=layer.context_token: seen[path].append(
-                _context(args[0], token).float().cpu()))
+        handles = [layer.input_module.register_forward_pre_hook(
+            lambda _m, args, path=path, layer=layer: seen[path].append(image_context(layer, args[0]).cpu()))
             for path, layer in layers.items()]
         dtype = next(setup.model.parameters()).dtype
         try:
@@ -72,16 +70,13 @@ class GlobalClusterBaseline(SubunitBaseline):
 
     def observe(self, forward: SharedForward) -> dict[str, torch.Tensor]:
         out = {}
-        for path, route in self.routes(forward.batch).items():
+        for path, route in self.routes(forward.contexts).items():
             parent, sub = self.parent_sub[path]
             out[path] = image_max(forward.hidden[path])[:, parent] * (route[:, parent] == sub)
         return out
 
-    def routes(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def routes(self, contexts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """(B, H) sub-unit of every unit per image: its image's cluster in the K_j-clustering."""
-        if not self.centroids:
-            return {}
-        contexts = self._batch_contexts(batch)
         out = {}
         for path, centroids in self.centroids.items():
             points = F.normalize(contexts[path].to(self.setup.device) - self.means[path].to(self.setup.device), dim=-1)
@@ -92,21 +87,3 @@ class GlobalClusterBaseline(SubunitBaseline):
                 route[:, k_of == k] = assigned[:, None]
             out[path] = route
         return out
-
-    def _batch_contexts(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Contexts of one evaluation batch: one more forward of the original model (hooked)."""
-        seen: dict[str, torch.Tensor] = {}
-        handles = [self.setup.neuron_layers[path].module.register_forward_pre_hook(
-            lambda _m, args, path=path, token=self.setup.neuron_layers[path].context_token: seen.__setitem__(
-                path, _context(args[0], token).float()))
-            for path in self.centroids]
-        try:
-            self.setup.model(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
-
-
-def _context(x: torch.Tensor, token: str) -> torch.Tensor:
-    return context_vector(x, token) if x.ndim == 3 else x
