@@ -76,7 +76,7 @@ def worker(spec: dict) -> dict:
     from elude_export.fitting.calibrate import collect_activations
     from elude_export.fitting.fit import FitConfig
     from elude_export.fitting.memory import peak_rss_mb
-    from elude_export.fitting.routers import _profiles
+    from elude_export.fitting.routers import _profiles, auto_unit_chunk
     from elude_export.layers import find_layers
     from elude_export.models import InputSpec
 
@@ -99,8 +99,10 @@ def worker(spec: dict) -> dict:
         algorithm = kmeans
     weights = layers[0].unit_weights().float()
     started, done, ks = time.perf_counter(), 0, []
-    for start in range(0, spec["units"], config.unit_chunk):
-        units = slice(start, min(start + config.unit_chunk, spec["units"]))
+    # the original ran 512 units per call; the library picks its own (cache-sized on CPU)
+    chunk = 512 if spec["algorithm"] == "reference" else auto_unit_chunk(config.top_m, device)
+    for start in range(0, spec["units"], chunk):
+        units = slice(start, min(start + chunk, spec["units"]))
         chosen = algorithm.select_k(_profiles(acts[layers[0].path], weights, units, device), config.k_max,
                                     config.k_rule, config.min_gain, config.min_cluster_frac, config.n_iter,
                                     config.n_init, config.seed + start)

@@ -59,6 +59,22 @@ def test_statistics_are_a_consistent_baseline(report) -> None:
         assert torch.allclose(stats["bin_fraction"].sum(1), torch.ones(layer.n_subunits))
 
 
+def test_statistics_from_calibration_equal_a_pass_of_the_rewritten_model(loaded, calib, report) -> None:
+    """The fit derives the baselines from what calibration kept; one forward of the rewritten
+    model over the same images must give exactly the same tensors."""
+    from copy import deepcopy
+
+    from elude_export.fitting.statistics import subunit_statistics
+
+    assert report.seconds["statistics"] < report.seconds["calibrate"], "no second forward pass expected"
+    forwarded = deepcopy(report.plan)
+    subunit_statistics(loaded, forwarded, calib, FitConfig(**LIGHT), torch.device("cpu"), n_images=512)
+    for fast, slow in zip(report.plan.layers, forwarded.layers):
+        assert fast.stats.keys() == slow.stats.keys()
+        for name in fast.stats:
+            assert torch.equal(fast.stats[name], slow.stats[name]), (fast.path, name)
+
+
 def test_low_rank_router_is_still_lossless(loaded, calib) -> None:
     from elude_export.rewrite.equality import check_rewrite
 

@@ -71,30 +71,36 @@ def test_elongated_unimodal_clouds_stay_whole() -> None:
     assert select_k(cloud, k_max=4, rule="gap").k.tolist() == [1] * 16
 
 
-def test_coordinates_keep_cosines_and_centroids_are_exact_in_profile_space() -> None:
-    """d > M: k-means runs on (M, M) coordinates; the lifted centroids are the clusters' mean directions."""
-    from elude_export.fitting.kmeans import unit_coordinates
+def test_gram_and_point_routes_give_the_same_products() -> None:
+    """d > M/2 clusters through the Gram matrix, small d through the points: the same inner products."""
+    from elude_export.fitting.kmeans import _Points
 
+    data, _ = _planted(units=5, points=40, dim=128, k=3, noise=0.1, seed=8)
+    points = F.normalize(data, dim=-1)
+    weights = torch.rand(5, 3, 40, generator=torch.Generator().manual_seed(1))
+    by_gram, by_points = _Points.of(points), _Points(points, None)
+    assert by_gram.gram is not None
+    assert torch.allclose(by_gram.inner(weights), by_points.inner(weights), atol=1e-4)
+
+
+def test_centroids_are_exact_in_profile_space() -> None:
+    """d > M: k-means runs on the (M, M) Gram matrix; centroids are the clusters' mean directions."""
     data, _ = _planted(units=6, points=40, dim=128, k=3, noise=0.1, seed=8)
     points = F.normalize(data, dim=-1)
-    coords = unit_coordinates(points)
-    assert coords.shape == (6, 40, 40)
-    assert torch.allclose(coords @ coords.transpose(1, 2), points @ points.transpose(1, 2), atol=1e-5)
     result = spherical_kmeans(data, 3, seed=1)
     onehot = F.one_hot(result.labels, 3).float().transpose(1, 2)
-    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-4)
+    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-5)
+    cosines = (points @ result.centroids.transpose(1, 2)).max(-1).values.mean(-1)
+    assert torch.allclose(cosines, result.objective, atol=1e-5)
 
 
-def test_duplicate_points_take_the_exact_fallback() -> None:
-    """A rank-deficient Gram matrix (repeated profiles) must not break the coordinates or the centroids."""
-    from elude_export.fitting.kmeans import unit_coordinates
-
+def test_duplicate_points_keep_centroids_exact() -> None:
+    """A rank-deficient Gram matrix (repeated profiles) needs no factorisation and stays exact."""
     data, _ = _planted(units=3, points=20, dim=64, k=2, noise=0.1, seed=9)
     data = torch.cat([data, data], dim=1)  # every profile twice: Gram of rank <= 20 < M = 40
     points = F.normalize(data, dim=-1)
-    coords = unit_coordinates(points)
-    assert torch.isfinite(coords).all()
-    assert torch.allclose(coords @ coords.transpose(1, 2), points @ points.transpose(1, 2), atol=1e-5)
     result = spherical_kmeans(data, 2, seed=1)
+    assert torch.isfinite(result.centroids).all()
     onehot = F.one_hot(result.labels, 2).float().transpose(1, 2)
-    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-4)
+    assert torch.allclose(result.centroids, F.normalize(onehot @ points, dim=-1), atol=1e-5)
+    assert torch.equal(result.labels[:, :20], result.labels[:, 20:])  # twins land together

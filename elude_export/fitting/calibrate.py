@@ -9,6 +9,10 @@ descriptor each kept activation will be clustered by, never all tokens of all im
   at most `per_image_cap` tokens of one image per unit, so one image cannot dominate a unit.
   Layers are grouped into passes so that these buffers stay under `max_buffer_bytes`.
 
+With `keep_image_maxima=n` the context router also keeps each unit's per-image maximum for the
+first n images ((n, units) floats per layer): with the contexts, that is everything the
+monitoring statistics need, so they cost no second pass.
+
 Each forward pass stops (a private `_StopForward` raised from the hook) once every layer of the
 pass has been seen, so layers after the last target cost nothing. The kept top-M is ordered by
 (value descending, image id ascending): the top-M of a union is then one well-defined list,
@@ -44,6 +48,10 @@ class LayerActivations:
     contexts: torch.Tensor | None  # context router: (n_images, d), row i is image first_image + i
     n_images: int
     first_image: int = 0
+    # context router, in-process: (n, H) per-unit max over tokens of the first n images, i.e. the
+    # image-pooled tap of a context-routed unit; the monitoring statistics are computed from it
+    # and the contexts instead of a second forward pass (`fitting/statistics.py`)
+    image_maxima: torch.Tensor | None = None
 
     def unit_descriptors(self, units: slice | torch.Tensor) -> torch.Tensor:
         """(units, M, d) descriptors for a block of units: what their profiles are built from."""
@@ -75,8 +83,10 @@ def top_m_merge(
 class _TopMStream:
     """Running top-M per unit for one layer, fed from forward hooks."""
 
-    def __init__(self, layer: NeuronLayer, router: str, top_m: int, per_image_cap: int):
+    def __init__(self, layer: NeuronLayer, router: str, top_m: int, per_image_cap: int, keep_maxima: int = 0):
         self.layer = layer
+        self.keep_maxima = keep_maxima  # global image ids below this keep their per-unit maxima
+        self.maxima: list[torch.Tensor] = []
         self.router = router
         self.context_token = layer.context_token
         self.top_m = top_m
@@ -106,6 +116,9 @@ class _TopMStream:
             context = context_vector(x, self.context_token)
             self.contexts.append(context.cpu())
             values = score.max(1).values  # (B, H)
+            kept = self.batch_images < self.keep_maxima
+            if kept.any():
+                self.maxima.append((values if score is h else h.amax(1))[kept].cpu())
             images = self.batch_images[:, None].expand_as(values)
             self._merge(values, images, None)
         else:
@@ -138,6 +151,7 @@ class _TopMStream:
             torch.cat(self.contexts) if self.contexts else None,
             n_images,
             first_image,
+            torch.cat(self.maxima) if self.maxima else None,
         )
 
 
@@ -171,10 +185,12 @@ def collect_activations(
     max_buffer_bytes: int = 2 << 30,
     progress: bool = False,
     first_image: int = 0,
+    keep_image_maxima: int = 0,
 ) -> dict[str, LayerActivations]:
     """Run the model over the source and keep each unit's top-M activations with descriptors.
 
-    `first_image` is the global id of the source's first image (a shard's offset).
+    `first_image` is the global id of the source's first image (a shard's offset);
+    `keep_image_maxima` (context router) keeps the per-unit maxima of images with lower ids.
     """
     if router not in ROUTERS:
         raise DataError(f"unknown router '{router}' (use {' or '.join(ROUTERS)})")
@@ -183,7 +199,7 @@ def collect_activations(
     results: dict[str, LayerActivations] = {}
     passes = _layer_passes(layers, router, top_m, max_buffer_bytes)
     for number, group in enumerate(passes):
-        streams = [_TopMStream(layer, router, top_m, per_image_cap) for layer in group]
+        streams = [_TopMStream(layer, router, top_m, per_image_cap, keep_image_maxima) for layer in group]
         handles = []
         for stream in streams:
             handles.append(stream.layer.input_module.register_forward_pre_hook(stream.on_input))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -12,8 +12,8 @@ from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
 from elude_export.fitting.calibrate import LayerActivations, collect_activations
 from elude_export.fitting.memory import PeakMemory
-from elude_export.fitting.routers import fit_layer
-from elude_export.fitting.statistics import QUANTILE_LEVELS, subunit_statistics
+from elude_export.fitting.routers import auto_unit_chunk, fit_layer
+from elude_export.fitting.statistics import QUANTILE_LEVELS, statistics_images, subunit_statistics
 from elude_export.layers import find_layers, survey_layers
 from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.plan import Plan
@@ -37,7 +37,7 @@ class FitConfig:
     stats_images: int = 4096
     batch_size: int = 64
     limit: int | None = None  # calibration images to use (None: all)
-    unit_chunk: int = 512  # units clustered per batched k-means call (bounds memory)
+    unit_chunk: int | None = None  # units per batched k-means call; None: `routers.auto_unit_chunk` (recorded)
     seed: int = 0
     layers: list[str] | None = None
 
@@ -61,6 +61,9 @@ def fit(
 ) -> FitReport:
     """Calibrate, fit routers for every target layer, measure statistics; return the Plan.
 
+    With the context router in float32 the statistics come from what calibration kept, so the
+    model runs once; otherwise they take one pass of the rewritten model (`statistics.py`).
+
     `activations` (from merged calibration parts, `parts.py`) replaces the calibration pass;
     `source` is then used for the statistics pass only.
     """
@@ -79,9 +82,12 @@ def fit(
 
     started = time.perf_counter()
     if activations is None:
+        # float32 context routing: calibration keeps what the statistics need (no second pass)
+        dtype = next(model.parameters()).dtype
+        keep_maxima = config.stats_images if config.router == "context" and dtype == torch.float32 else 0
         acts = collect_activations(
             model, layers, source, loaded.input_spec, config.router, config.top_m, config.per_image_cap,
-            config.batch_size, device, config.limit, progress=progress,
+            config.batch_size, device, config.limit, progress=progress, keep_image_maxima=keep_maxima,
         )
         seconds["calibrate"] = time.perf_counter() - started
     else:
@@ -95,6 +101,7 @@ def fit(
     else:
         log(f"calibration of {len(layers)} layer(s) on {n_images} images merged from parts")
 
+    config = replace(config, unit_chunk=config.unit_chunk or auto_unit_chunk(config.top_m, device))
     started = time.perf_counter()
     layer_plans = []
     for layer in layers:
@@ -102,7 +109,8 @@ def fit(
         split = int(layer_plans[-1].split_units.numel())
         log(f"  {layer.path}: {split}/{layer.n_units} units split -> {layer_plans[-1].n_subunits} sub-units")
     seconds["cluster"] = time.perf_counter() - started
-    del acts
+    calibration = acts if all(layer_acts.image_maxima is not None for layer_acts in acts.values()) else None
+    del acts  # token descriptors can be GBs; the statistics need only the context-router maxima
 
     plan = Plan(
         layers=layer_plans, model_name=loaded.name, model_fingerprint=fingerprint_model(loaded.model),
@@ -110,6 +118,7 @@ def fit(
         fit_config={**asdict(config), "n_images": n_images}, quantile_levels=QUANTILE_LEVELS,
     )
     started = time.perf_counter()
-    subunit_statistics(loaded, plan, source, config, device, progress)
+    subunit_statistics(loaded, plan, source, config, device, progress, statistics_images(config, n_images),
+                       calibration=calibration)
     seconds["statistics"] = time.perf_counter() - started
     return FitReport(plan, seconds, n_images, peak.megabytes())

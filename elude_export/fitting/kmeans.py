@@ -4,13 +4,16 @@ All units of a layer are clustered at once as one batched tensor computation, so
 3072-unit layer is a handful of batched matmuls (GPU-capable), not a python loop.
 
 Why it is cheap (METHOD.md, "Cost"): spherical k-means only needs the cosines between a
-unit's M profiles, so each unit's `(M, d)` profiles are replaced by `(M, r)` coordinates with
-the same inner products, `r = min(M, d)` (the Cholesky factor of the `(M, M)` Gram matrix when
-d > M). Centroids are kept as member weights over the points (`centroid = normalize(members @
-points)`), so the centroid in profile space is exact however the coordinates were made.
-K grows by warm start: the K solution starts from the K-1 one plus one k-means++ pick (best of
-`n_init` picks per unit); Lloyd stops per unit at convergence; a unit leaves the K loop at its
-first rejected K, so its null is never clustered beyond that.
+unit's M profiles and the sums of its clusters. A centroid is therefore kept as *weights over
+the points* (a cluster's membership row; a seed is one point), never as a d-vector: every
+Lloyd step is one batched product `weights @ gram` with the unit's `(M, M)` Gram matrix, and
+the centroid's norm comes out of the same product. When d is small next to M the product goes
+through the points instead (`(weights @ points) @ points^T`, same numbers, fewer flops). The
+d-dimensional centroids are formed once, at the end, as normalised member sums: exact, with no
+factorisation and no jitter. K grows by warm start: the K solution starts from the K-1 one
+plus one k-means++ pick (best of `n_init` picks per unit); Lloyd stops per unit at
+convergence; a unit leaves the K loop at its first rejected K, so its null is never clustered
+beyond that.
 
 K rule ("gap"): going from K-1 to K clusters must raise the mean cosine-to-centroid by a
 larger share of the remaining dispersion than it does on a *null* sample with the same mean
@@ -29,11 +32,8 @@ import torch
 import torch.nn.functional as F
 
 K_RULES = ("gap", "fixed")
-# Added to the Gram diagonal so that rank-deficient profile sets (a unit's top images often share
-# a low-dimensional context) still have a Cholesky factor: each point gains a self-similarity of
-# 1e-5, below the float32 rounding of a d=768 cosine; centroids stay exact (see `_Basis.lift`).
-GRAM_JITTER = 1e-5
 CONVERGED_GAIN = 1e-6  # Lloyd stops for a unit whose mean cosine rose by less than this
+_TINY = 1e-12  # floor of a squared cluster-sum norm (a sum of unit vectors that cancels out)
 
 
 @dataclass
@@ -52,11 +52,41 @@ class KSelection:
     null_gain: torch.Tensor  # (U, k_max) the same on the null points
 
 
+class _Points:
+    """A batch of units' unit-norm points, seen only through inner products with weighted point sums."""
+
+    def __init__(self, points: torch.Tensor | None, gram: torch.Tensor | None):
+        self.points = points  # (U, M, d); None for a null known only by its Gram matrix
+        self.gram = gram  # (U, M, M); None when products are cheaper through the points
+
+    @classmethod
+    def of(cls, points: torch.Tensor) -> "_Points":
+        _, count, dim = points.shape
+        # per Lloyd step the Gram route costs K*M*M, the point route 2*K*M*d
+        return cls(points, points @ points.transpose(1, 2) if 2 * dim > count else None)
+
+    def take(self, index: torch.Tensor) -> "_Points":
+        pick = (lambda t: None if t is None else t[index])
+        return _Points(pick(self.points), pick(self.gram))
+
+    def inner(self, weights: torch.Tensor) -> torch.Tensor:
+        """(U, K, M) weights -> (U, K, M): <sum_m weights[k, m] x_m, x_m'> for every point m'."""
+        if self.gram is not None:
+            return weights @ self.gram
+        assert self.points is not None
+        return (weights @ self.points) @ self.points.transpose(1, 2)
+
+    def centroids(self, weights: torch.Tensor) -> torch.Tensor:
+        """(U, K, M) weights -> (U, K, d) unit-norm weighted sums (all-zero rows stay zero)."""
+        assert self.points is not None
+        return F.normalize(weights @ self.points, dim=-1)
+
+
 @dataclass
 class _State:
-    """A K-cluster solution for a set of units, in the units' coordinates."""
+    """A K-cluster solution for a set of units: centroids as weights over the points."""
 
-    centroids: torch.Tensor  # (U, K, r), unit norm
+    weights: torch.Tensor  # (U, K, M): a cluster's members (or a seed point)
     labels: torch.Tensor  # (U, M)
     closest: torch.Tensor  # (U, M) cosine of each point to its centroid
 
@@ -65,119 +95,84 @@ class _State:
         return self.closest.mean(-1)
 
     def take(self, index: torch.Tensor) -> "_State":
-        return _State(self.centroids[index], self.labels[index], self.closest[index])
+        return _State(self.weights[index], self.labels[index], self.closest[index])
 
 
-class _Basis:
-    """Per-unit coordinates with the points' inner products, and the exact way back to profile space."""
-
-    def __init__(self, points: torch.Tensor):
-        self.points = points
-        _, count, dim = points.shape
-        self.bad = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
-        if dim <= count:
-            self.coords = points
-            return
-        gram = points @ points.transpose(1, 2)
-        gram.diagonal(dim1=1, dim2=2).add_(GRAM_JITTER)
-        coords, info = torch.linalg.cholesky_ex(gram)
-        self.bad = (info != 0) | ~torch.isfinite(coords).flatten(1).all(-1)
-        if self.bad.any():  # Cholesky failed even with the jitter: QR is exact and slower
-            coords[self.bad] = torch.linalg.qr(points[self.bad].transpose(1, 2), mode="r").R.transpose(1, 2)
-        self.coords = coords
-
-    def lift(self, centroids: torch.Tensor) -> torch.Tensor:
-        """(U, K, r) coordinate centroids -> (U, K, d) unit-norm profile-space centroids.
-
-        A centroid is a normalised sum of member coordinates, c = coords^T s / |.|; solving
-        coords^T alpha = c gives alpha = s / |.| (triangular for Cholesky, least squares for the
-        QR fallback), so points^T alpha is the normalised sum of the members' profiles: exact.
-        """
-        if self.coords is self.points:
-            return centroids
-        target = centroids.transpose(1, 2)  # (U, r, K)
-        alpha = torch.linalg.solve_triangular(self.coords.transpose(1, 2), target, upper=True)
-        if self.bad.any():
-            alpha[self.bad] = torch.linalg.lstsq(self.coords[self.bad].transpose(1, 2), target[self.bad]).solution
-        return F.normalize(alpha.transpose(1, 2) @ self.points, dim=-1)
+def _assign(points: _Points, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(closest cosine, label) of every point under the centroids `weights` define."""
+    inner = points.inner(weights)  # (U, K, M)
+    norms = (weights * inner).sum(-1, keepdim=True).clamp_min(_TINY).sqrt()  # |sum_k|, from the same product
+    return (inner / norms).max(1)
 
 
-def unit_coordinates(points: torch.Tensor) -> torch.Tensor:
-    """(U, M, r) rows with the same pairwise inner products as `points` (U, M, d), r = min(M, d)."""
-    return _Basis(points).coords
-
-
-def _lloyd(coords: torch.Tensor, centroids: torch.Tensor, n_iter: int) -> _State:
+def _lloyd(points: _Points, weights: torch.Tensor, n_iter: int) -> _State:
     """Lloyd iterations per unit until its labels stop changing; converged units leave the batch.
 
-    Cluster sums are one batched matmul with the (K, M) membership matrix (scatter-add is
-    several times slower on CPU); the batch is compacted only when it halves, since copies cost too.
+    The batch is compacted only when it halves, since copies cost too.
     """
-    k = centroids.shape[1]
-    ks = torch.arange(k, device=coords.device)[None, :, None]
-    closest, labels = (coords @ centroids.transpose(1, 2)).max(-1)
+    k = weights.shape[1]
+    ks = torch.arange(k, device=weights.device)[None, :, None]
+    closest, labels = _assign(points, weights)
     work: torch.Tensor | None = None  # indices of the units still iterating; None: all of them
-    w_coords, w_centroids, w_labels = coords, centroids, labels
+    w_points, w_weights, w_labels = points, weights, labels
     for _ in range(n_iter):
-        onehot = (w_labels[:, None, :] == ks).to(coords.dtype)  # (a, K, M)
+        members = (w_labels[:, None, :] == ks).to(w_weights.dtype)  # (a, K, M)
         # an empty cluster keeps its previous centroid instead of collapsing to zero
-        empty = (onehot.sum(-1) == 0)[..., None]
-        w_centroids = torch.where(empty, w_centroids, F.normalize(onehot @ w_coords, dim=-1))
-        new_closest, new_labels = (w_coords @ w_centroids.transpose(1, 2)).max(-1)
+        w_weights = torch.where(members.sum(-1, keepdim=True) == 0, w_weights, members)
+        new_closest, new_labels = _assign(w_points, w_weights)
         # converged: no label moved, or the moves no longer raise the objective (float-noise
         # flips between near-identical points would otherwise go on for all n_iter)
         w_closest = closest if work is None else closest[work]
         gained = new_closest.mean(-1) - w_closest.mean(-1) > CONVERGED_GAIN
         changed = (new_labels != w_labels).any(-1) & gained
         if work is None:
-            centroids, labels, closest = w_centroids, new_labels, new_closest
+            weights, labels, closest = w_weights, new_labels, new_closest
         else:
-            centroids[work], labels[work], closest[work] = w_centroids, new_labels, new_closest
+            weights[work], labels[work], closest[work] = w_weights, new_labels, new_closest
         w_labels = new_labels
         if not changed.any():
             break
         if changed.sum() * 2 <= changed.numel():
             work = torch.nonzero(changed).flatten() if work is None else work[changed]
-            w_coords, w_centroids, w_labels = w_coords[changed], w_centroids[changed], w_labels[changed]
-    return _State(centroids, labels, closest)
+            w_points, w_weights, w_labels = w_points.take(changed), w_weights[changed], w_labels[changed]
+    return _State(weights, labels, closest)
 
 
-def _add_centroid(coords: torch.Tensor, state: _State, generator: torch.Generator) -> torch.Tensor:
+def _add_centroid(points: _Points, state: _State, generator: torch.Generator) -> torch.Tensor:
     """Seeds for K+1 clusters: the K solution plus one point drawn by k-means++ (D^2) weighting.
 
     From K=1 the mean is a poor seed (it sits between the clusters), so K=2 is seeded by
     plain k-means++ (a random point, then a D^2 pick), as a fresh start would be.
     """
-    units, count, _ = coords.shape
-    batch = torch.arange(units, device=coords.device)
-    centroids, closest = state.centroids, state.closest
-    if centroids.shape[1] == 1:
-        first = torch.randint(count, (units,), generator=generator, device=coords.device)
-        centroids = coords[batch, first][:, None, :]
-        closest = (coords @ centroids.transpose(1, 2)).squeeze(-1)
+    units, _, count = state.weights.shape
+    weights, closest = state.weights, state.closest
+    if weights.shape[1] == 1:
+        first = torch.randint(count, (units,), generator=generator, device=weights.device)
+        weights = F.one_hot(first, count).to(weights.dtype)[:, None, :]
+        closest = points.inner(weights)[:, 0]
     distance = (1.0 - closest).clamp_min(0.0) ** 2 + 1e-12
     pick = torch.multinomial(distance, 1, generator=generator).squeeze(-1)
-    return torch.cat([centroids, coords[batch, pick][:, None, :]], dim=1)
+    return torch.cat([weights, F.one_hot(pick, count).to(weights.dtype)[:, None, :]], dim=1)
 
 
-def _first_state(coords: torch.Tensor) -> _State:
+def _first_state(points: _Points, units: int, count: int, device: torch.device) -> _State:
     """K=1: the centroid is the normalised mean, exactly (no iterations needed)."""
-    centroids = F.normalize(coords.mean(1, keepdim=True), dim=-1)
-    closest, labels = (coords @ centroids.transpose(1, 2)).max(-1)
-    return _State(centroids, labels, closest)
+    weights = torch.ones(units, 1, count, device=device)
+    closest, labels = _assign(points, weights)
+    return _State(weights, labels, closest)
 
 
-def _grow(coords: torch.Tensor, state: _State, n_iter: int, n_init: int, generator: torch.Generator) -> _State:
+def _grow(points: _Points, state: _State, n_iter: int, n_init: int, generator: torch.Generator) -> _State:
     """Best (per unit) of `n_init` warm-started K+1 solutions."""
     best: _State | None = None
     for _ in range(max(1, n_init)):
-        result = _lloyd(coords, _add_centroid(coords, state, generator), n_iter)
+        result = _lloyd(points, _add_centroid(points, state, generator), n_iter)
         if best is None:
             best = result
             continue
         better = result.objective > best.objective
         best = _State(
-            torch.where(better[:, None, None], result.centroids, best.centroids),
+            torch.where(better[:, None, None], result.weights, best.weights),
             torch.where(better[:, None], result.labels, best.labels),
             torch.where(better[:, None], result.closest, best.closest),
         )
@@ -191,26 +186,37 @@ def spherical_kmeans(
     """Cluster unit-norm `points` (U, M, d) into `k` groups per unit (warm-started from 1..k-1)."""
     if points.ndim != 3:
         raise ValueError(f"points must be (units, points, dim), got {tuple(points.shape)}")
-    basis = _Basis(F.normalize(points.float(), dim=-1))
+    units, count, _ = points.shape
+    cloud = _Points.of(F.normalize(points.float(), dim=-1))
     generator = torch.Generator(device=points.device).manual_seed(seed)
-    state = _first_state(basis.coords)
+    state = _first_state(cloud, units, count, points.device)
     for _ in range(1, k):
-        state = _grow(basis.coords, state, n_iter, n_init, generator)
-    return KMeansResult(basis.lift(state.centroids), state.labels, state.objective)
+        state = _grow(cloud, state, n_iter, n_init, generator)
+    return KMeansResult(cloud.centroids(state.weights), state.labels, state.objective)
 
 
-def _null_points(points: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _null_points(cloud: _Points, generator: torch.Generator) -> _Points:
     """A unimodal reference with the points' own mean and covariance.
 
     Each null point is the mean plus a random Gaussian combination of the centred points, so
     its covariance equals the sample covariance but it has no clusters. (Shuffling coordinates
     independently would also destroy correlations, and any elongated cloud would then beat it.)
-    Linear in the points, so it is built in the coordinates directly.
+    The null is linear in the points, `z = A x` with `A = R (I - J) + J` (`J` = averaging), so
+    on the Gram route only its Gram matrix `A G A^T` is formed, then normalised.
     """
-    units, count, _ = points.shape
-    mean = points.mean(1, keepdim=True)
-    mixing = torch.randn(units, count, count, generator=generator, device=points.device) / count ** 0.5
-    return F.normalize(mean + mixing @ (points - mean), dim=-1)
+    reference = cloud.gram if cloud.gram is not None else cloud.points
+    assert reference is not None
+    units, count = reference.shape[:2]
+    device = reference.device
+    mixing = torch.randn(units, count, count, generator=generator, device=device) / count ** 0.5
+    if cloud.gram is None:
+        assert cloud.points is not None
+        mean = cloud.points.mean(1, keepdim=True)
+        return _Points(F.normalize(mean + mixing @ (cloud.points - mean), dim=-1), None)
+    combine = mixing - mixing.mean(-1, keepdim=True) + 1.0 / count  # A, (U, M, M)
+    gram = combine @ cloud.gram @ combine.transpose(1, 2)
+    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(_TINY).rsqrt()
+    return _Points(None, gram * scale[:, :, None] * scale[:, None, :])
 
 
 def _relative_gain(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -233,31 +239,32 @@ def select_k(
     points = F.normalize(points.float(), dim=-1)
     units, count, _ = points.shape
     device = points.device
-    basis = _Basis(points)
-    coords = basis.coords
+    cloud = _Points.of(points)
     generator = torch.Generator(device=device).manual_seed(seed)
     null_generator = torch.Generator(device=device).manual_seed(seed + 1000)
 
     chosen = torch.ones(units, dtype=torch.long, device=device)
-    centroids = torch.zeros(units, k_max, coords.shape[2], device=device)
+    weights = torch.zeros(units, k_max, count, device=device)
     gain = torch.zeros(units, k_max, device=device)
     null_gain = torch.zeros_like(gain)
-    state = _first_state(coords)
-    centroids[:, :1] = state.centroids
+    state = _first_state(cloud, units, count, device)
+    weights[:, :1] = state.weights
     labels = state.labels.clone()
     open_units = torch.arange(units, device=device)  # units whose every K so far was accepted
     gap = rule == "gap"
     if gap:
-        null_coords = _null_points(coords, null_generator)
-        null_state = _first_state(null_coords)
+        null = _null_points(cloud, null_generator)
+        null_state = _first_state(null, units, count, device)
     min_size = max(1, int(round(min_cluster_frac * count)))
     for k in range(2, k_max + 1):
         if open_units.numel() == 0:
             break
-        grown = _grow(coords[open_units], state, n_iter, n_init, generator)
+        everyone = open_units.numel() == units  # no copy while every unit is still open
+        grown = _grow(cloud if everyone else cloud.take(open_units), state, n_iter, n_init, generator)
         gain[open_units, k - 1] = _relative_gain(state.objective, grown.objective)
         if gap:
-            null_grown = _grow(null_coords[open_units], null_state, n_iter, n_init, null_generator)
+            null_grown = _grow(null if everyone else null.take(open_units), null_state, n_iter, n_init,
+                               null_generator)
             null_gain[open_units, k - 1] = _relative_gain(null_state.objective, null_grown.objective)
             sizes = F.one_hot(grown.labels, k).sum(1)
             accepted = (gain[open_units, k - 1] - null_gain[open_units, k - 1] >= min_gain) & (
@@ -268,11 +275,11 @@ def select_k(
         open_units = open_units[keep]
         state = grown.take(keep)
         chosen[open_units] = k
-        centroids[open_units, :k] = state.centroids
+        weights[open_units, :k] = state.weights
         labels[open_units] = state.labels
         if gap:
             null_state = null_grown.take(keep)
 
     valid = torch.arange(k_max, device=device)[None, :] < chosen[:, None]
-    lifted = torch.where(valid[..., None], basis.lift(centroids), torch.zeros((), device=device))
-    return KSelection(chosen, lifted, labels, gain, null_gain)
+    centroids = torch.where(valid[..., None], cloud.centroids(weights), torch.zeros((), device=device))
+    return KSelection(chosen, centroids, labels, gain, null_gain)

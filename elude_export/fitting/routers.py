@@ -28,13 +28,28 @@ def _profiles(acts: LayerActivations, weights: torch.Tensor, units: slice, devic
     return F.normalize(descriptors * weights[units].to(device)[:, None, :], dim=-1)
 
 
+# CPU: a chunk's Gram matrices and their null (2 * units * M * M floats) stay within this many
+# bytes, so every Lloyd step reads them from cache rather than memory (measured on a 2-core
+# EPYC, M = 256: 32 units per call cluster 1.5x faster than 512). GPUs want large batches.
+CPU_CHUNK_BYTES = 16 << 20
+GPU_UNIT_CHUNK = 512
+
+
+def auto_unit_chunk(top_m: int, device: torch.device | str) -> int:
+    """Units per batched k-means call when the config does not say."""
+    if torch.device(device).type != "cpu":
+        return GPU_UNIT_CHUNK
+    return max(8, CPU_CHUNK_BYTES // (2 * top_m * top_m * 4))
+
+
 def fit_layer(layer: NeuronLayer, acts: LayerActivations, config: FitConfig, device: torch.device) -> LayerPlan:
     """Cluster one layer's units and build its router."""
     weights = layer.unit_weights().float()
     n_units, d_in = weights.shape
     ks, centroids = [], []
-    for start in range(0, n_units, config.unit_chunk):
-        units = slice(start, min(start + config.unit_chunk, n_units))
+    chunk = config.unit_chunk or auto_unit_chunk(config.top_m, device)
+    for start in range(0, n_units, chunk):
+        units = slice(start, min(start + chunk, n_units))
         chosen = select_k(
             _profiles(acts, weights, units, device), config.k_max, config.k_rule, config.min_gain,
             config.min_cluster_frac, config.n_iter, config.n_init, config.seed + start,

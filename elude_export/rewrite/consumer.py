@@ -19,7 +19,7 @@ from torch import nn
 from elude_export.errors import PlanError
 from elude_export.layers.layout import CHANNELS_LAST, from_tokens, to_tokens
 from elude_export.plan import LayerPlan
-from elude_export.rewrite.pooling import pool_tokens, select_columns
+from elude_export.rewrite.pooling import gated_columns, pool_tokens, select_columns
 from elude_export.vocabulary import MODES, POOLINGS, TOKEN_TAP
 
 
@@ -128,8 +128,7 @@ class SubunitConsumer(nn.Module):
         for pooling in self.poolings:
             if pooling == "cls" or per_image_route:
                 pooled_h = tokens[:, 0] if pooling == "cls" else pool_tokens(tokens, pooling)
-                gate = (select_columns(token_route[:, 0], self.parent) == self.sub).to(tokens.dtype)
-                taps[pooling] = select_columns(pooled_h, self.parent) * gate
+                taps[pooling] = gated_columns(pooled_h, token_route[:, 0], self.parent, self.sub)
                 continue
             if masked is None:  # u_jk over tokens for each k: (B, N, H) each
                 masked = [tokens * (token_route == k).to(tokens.dtype) for k in range(self.k_max)]
