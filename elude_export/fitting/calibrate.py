@@ -114,7 +114,8 @@ class _TopMStream:
         score = h.abs() if self.layer.signed else h
         if self.router == "context":
             context = context_vector(x, self.context_token)
-            self.contexts.append(context.cpu())
+            # a copy: the CLS context is a view of the whole (B, tokens, d) input, which would stay alive
+            self.contexts.append(context.to("cpu", copy=True))
             values = score.max(1).values  # (B, H)
             kept = self.batch_images < self.keep_maxima
             if kept.any():
