@@ -76,7 +76,8 @@ def worker(spec: dict) -> dict:
     from elude_export.fitting.calibrate import collect_activations
     from elude_export.fitting.fit import FitConfig
     from elude_export.fitting.memory import peak_rss_mb
-    from elude_export.fitting.routers import _profiles, auto_unit_chunk
+    from elude_export.fitting.chunks import auto_unit_chunk
+    from elude_export.fitting.routers import _profiles
     from elude_export.layers import find_layers
     from elude_export.models import InputSpec
 

@@ -75,6 +75,27 @@ def test_statistics_from_calibration_equal_a_pass_of_the_rewritten_model(loaded,
             assert torch.equal(fast.stats[name], slow.stats[name]), (fast.path, name)
 
 
+def test_parallel_chunk_workers_give_the_same_routers(loaded, calib) -> None:
+    """Chunks run on one single-threaded worker per core; the plan must not depend on how many."""
+    from elude_export.fitting.calibrate import collect_activations
+    from elude_export.fitting.routers import fit_layer
+    from elude_export.layers import find_layers
+
+    layer = find_layers(loaded.model, ["blocks.2.mlp"])[0]
+    acts = collect_activations(loaded.model, [layer], calib, loaded.input_spec, top_m=64, limit=256)[layer.path]
+    config = FitConfig(**{**LIGHT, "unit_chunk": 48})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = fit_layer(layer, acts, config, torch.device("cpu"))
+        assert torch.get_num_threads() == 2, "the thread count is restored"
+        torch.set_num_threads(1)
+        serial = fit_layer(layer, acts, config, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(parallel.k, serial.k) and torch.equal(parallel.router, serial.router)
+
+
 def test_low_rank_router_is_still_lossless(loaded, calib) -> None:
     from elude_export.rewrite.equality import check_rewrite
 

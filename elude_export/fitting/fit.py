@@ -12,7 +12,8 @@ from elude_export.data.sources import ImageSource
 from elude_export.errors import DataError
 from elude_export.fitting.calibrate import LayerActivations, collect_activations
 from elude_export.fitting.memory import PeakMemory
-from elude_export.fitting.routers import auto_unit_chunk, fit_layer
+from elude_export.fitting.chunks import auto_unit_chunk
+from elude_export.fitting.routers import fit_layer
 from elude_export.fitting.statistics import QUANTILE_LEVELS, statistics_images, subunit_statistics
 from elude_export.layers import find_layers, survey_layers
 from elude_export.models import LoadedModel, fingerprint_model
@@ -37,7 +38,7 @@ class FitConfig:
     stats_images: int = 4096
     batch_size: int = 64
     limit: int | None = None  # calibration images to use (None: all)
-    unit_chunk: int | None = None  # units per batched k-means call; None: `routers.auto_unit_chunk` (recorded)
+    unit_chunk: int | None = None  # units per batched k-means call; None: `chunks.auto_unit_chunk` (recorded)
     seed: int = 0
     layers: list[str] | None = None
 

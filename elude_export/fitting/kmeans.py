@@ -13,7 +13,8 @@ d-dimensional centroids are formed once, at the end, as normalised member sums: 
 factorisation and no jitter. K grows by warm start: the K solution starts from the K-1 one
 plus one k-means++ pick (best of `n_init` picks per unit); Lloyd stops per unit at
 convergence; a unit leaves the K loop at its first rejected K, so its null is never clustered
-beyond that.
+beyond that, and the null's `n_init` draws stop for a unit as soon as one of them already
+rejects it (the best-of-n null gain can only rise).
 
 K rule ("gap"): going from K-1 to K clusters must raise the mean cosine-to-centroid by a
 larger share of the remaining dispersion than it does on a *null* sample with the same mean
@@ -27,6 +28,7 @@ every unit `k_max` sub-units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +51,7 @@ class KSelection:
     centroids: torch.Tensor  # (U, k_max, d); rows >= k[u] are zero
     labels: torch.Tensor  # (U, M) labels under the chosen K
     gain: torch.Tensor  # (U, k_max) relative dispersion gain per K (index 0 unused; 0 beyond a unit's first rejection)
-    null_gain: torch.Tensor  # (U, k_max) the same on the null points
+    null_gain: torch.Tensor  # (U, k_max) the same on the null points (at a rejecting K, maybe from fewer draws)
 
 
 class _Points:
@@ -162,20 +164,39 @@ def _first_state(points: _Points, units: int, count: int, device: torch.device) 
     return _State(weights, labels, closest)
 
 
-def _grow(points: _Points, state: _State, n_iter: int, n_init: int, generator: torch.Generator) -> _State:
-    """Best (per unit) of `n_init` warm-started K+1 solutions."""
+def _grow(points: _Points, state: _State, n_iter: int, n_init: int, generator: torch.Generator,
+          settled: Callable[[_State], torch.Tensor] | None = None) -> _State:
+    """Best (per unit) of `n_init` warm-started K+1 solutions.
+
+    `settled(best)` marks units whose decision more draws cannot change (the best only gets
+    better): they stop drawing, and the rest go on alone.
+    """
     best: _State | None = None
+    active: torch.Tensor | None = None  # units still drawing; None: all of them
     for _ in range(max(1, n_init)):
-        result = _lloyd(points, _add_centroid(points, state, generator), n_iter)
+        here = points if active is None else points.take(active)
+        start = state if active is None else state.take(active)
+        result = _lloyd(here, _add_centroid(here, start, generator), n_iter)
         if best is None:
             best = result
-            continue
-        better = result.objective > best.objective
-        best = _State(
-            torch.where(better[:, None, None], result.weights, best.weights),
-            torch.where(better[:, None], result.labels, best.labels),
-            torch.where(better[:, None], result.closest, best.closest),
-        )
+        else:
+            current = best if active is None else best.take(active)
+            better = result.objective > current.objective
+            merged = _State(
+                torch.where(better[:, None, None], result.weights, current.weights),
+                torch.where(better[:, None], result.labels, current.labels),
+                torch.where(better[:, None], result.closest, current.closest),
+            )
+            if active is None:
+                best = merged
+            else:
+                best.weights[active], best.labels[active], best.closest[active] = (
+                    merged.weights, merged.labels, merged.closest)
+        if settled is not None:
+            open_units = torch.nonzero(~settled(best)).flatten()
+            if open_units.numel() == 0:
+                break
+            active = open_units
     assert best is not None
     return best
 
@@ -263,12 +284,19 @@ def select_k(
         grown = _grow(cloud if everyone else cloud.take(open_units), state, n_iter, n_init, generator)
         gain[open_units, k - 1] = _relative_gain(state.objective, grown.objective)
         if gap:
+            data_gain = gain[open_units, k - 1]
+            big_enough = F.one_hot(grown.labels, k).sum(1).min(-1).values >= min_size
+
+            def rejected(null_best: _State) -> torch.Tensor:
+                # the null's gain only rises with more draws, so a unit it already beats is rejected
+                # for good; a unit with a too-small cluster is rejected whatever the null does
+                beaten = data_gain - _relative_gain(null_state.objective, null_best.objective) < min_gain
+                return beaten | ~big_enough
+
             null_grown = _grow(null if everyone else null.take(open_units), null_state, n_iter, n_init,
-                               null_generator)
+                               null_generator, settled=rejected)
             null_gain[open_units, k - 1] = _relative_gain(null_state.objective, null_grown.objective)
-            sizes = F.one_hot(grown.labels, k).sum(1)
-            accepted = (gain[open_units, k - 1] - null_gain[open_units, k - 1] >= min_gain) & (
-                sizes.min(-1).values >= min_size)
+            accepted = ~rejected(null_grown)
         else:
             accepted = torch.ones(open_units.numel(), dtype=torch.bool, device=device)
         keep = torch.nonzero(accepted).flatten()

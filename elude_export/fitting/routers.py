@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from elude_export.fitting.calibrate import LayerActivations
+from elude_export.fitting.chunks import auto_unit_chunk, map_chunks
 from elude_export.fitting.kmeans import select_k
 from elude_export.layers import NeuronLayer
 from elude_export.plan import LayerPlan
@@ -23,39 +23,26 @@ if TYPE_CHECKING:
 
 
 def _profiles(acts: LayerActivations, weights: torch.Tensor, units: slice, device: torch.device) -> torch.Tensor:
-    """(units, M, d) L2-normalised contribution profiles w1_j * descriptor."""
+    """(units, M, d) contribution profiles w1_j * descriptor, not yet normalised (`select_k` does it once)."""
     descriptors = acts.unit_descriptors(units).to(device)
-    return F.normalize(descriptors * weights[units].to(device)[:, None, :], dim=-1)
-
-
-# CPU: a chunk's Gram matrices and their null (2 * units * M * M floats) stay within this many
-# bytes, so every Lloyd step reads them from cache rather than memory (measured on a 2-core
-# EPYC, M = 256: 32 units per call cluster 1.5x faster than 512). GPUs want large batches.
-CPU_CHUNK_BYTES = 16 << 20
-GPU_UNIT_CHUNK = 512
-
-
-def auto_unit_chunk(top_m: int, device: torch.device | str) -> int:
-    """Units per batched k-means call when the config does not say."""
-    if torch.device(device).type != "cpu":
-        return GPU_UNIT_CHUNK
-    return max(8, CPU_CHUNK_BYTES // (2 * top_m * top_m * 4))
+    return descriptors * weights[units].to(device)[:, None, :]  # not in place: token descriptors are a view
 
 
 def fit_layer(layer: NeuronLayer, acts: LayerActivations, config: FitConfig, device: torch.device) -> LayerPlan:
     """Cluster one layer's units and build its router."""
     weights = layer.unit_weights().float()
     n_units, d_in = weights.shape
-    ks, centroids = [], []
     chunk = config.unit_chunk or auto_unit_chunk(config.top_m, device)
-    for start in range(0, n_units, chunk):
+
+    def fit_chunk(start: int) -> tuple[torch.Tensor, torch.Tensor]:
         units = slice(start, min(start + chunk, n_units))
         chosen = select_k(
             _profiles(acts, weights, units, device), config.k_max, config.k_rule, config.min_gain,
             config.min_cluster_frac, config.n_iter, config.n_init, config.seed + start,
         )
-        ks.append(chosen.k.cpu())
-        centroids.append(chosen.centroids.cpu())
+        return chosen.k.cpu(), chosen.centroids.cpu()
+
+    ks, centroids = zip(*map_chunks(fit_chunk, range(0, n_units, chunk), device))
     k = torch.cat(ks)
     all_centroids = torch.cat(centroids)
     split = torch.nonzero(k > 1).flatten()
