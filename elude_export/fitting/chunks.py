@@ -17,6 +17,8 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
+from elude_export.fitting.memory import release_free_memory
+
 CPU_CHUNK_BYTES = 16 << 20
 GPU_UNIT_CHUNK = 512
 T = TypeVar("T")
@@ -46,3 +48,4 @@ def map_chunks(fit_chunk: Callable[[int], T], starts: Iterable[int], device: tor
             return list(pool.map(fit_chunk, starts))
     finally:
         torch.set_num_threads(previous)
+        release_free_memory()  # what the workers' malloc arenas kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 
@@ -27,3 +28,21 @@ class PeakMemory:
         if self.device.type == "cuda":
             peaks["cuda"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return peaks
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Worker threads allocate from their own malloc arenas, and glibc keeps what they free: over
+    the 12 layers of a ViT-B fit that grew the process by ~2 GB. Trimming after each layer's
+    clustering keeps the peak at that of one layer.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (e.g. musl): nothing to trim
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
