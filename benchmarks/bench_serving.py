@@ -10,7 +10,12 @@ Scenarios (each `--seconds` long, monitoring always on in the server):
 - server, v2 binary requests of 1 image from many clients, micro-batched up to 8;
 - server over gRPC (`inference.GRPCInferenceService/ModelInfer`, raw tensors), requests of 8 images;
 - health latency while 4 clients send JSON requests of 64 images (the event loop must stay free:
-  target p99 < 20 ms).
+  target p99 < 20 ms);
+- with `--soak-seconds N`: the server's RSS sampled every second for N s under a batch-8 mix
+  (binary REST and gRPC requests of 8 images, micro-batched single images, JSON requests of 8
+  images, metrics and drift scrapes), reported as first- vs last-quarter mean, slope and a verdict.
+`--scenarios` picks which of throughput, health, soak run (default: throughput and health, plus
+soak when `--soak-seconds` is given).
 The server runs as a separate process (`python -m serving`) so that the load generator does not
 share its GIL; clients are threads with keep-alive `http.client` connections sending pre-encoded
 requests. Reports images/s, request latency p50/p99, errors and the server's RSS before/after.
@@ -224,6 +229,61 @@ def health_under_json_load(port: int, model: str, x64: np.ndarray, seconds: floa
             "probes": len(times), "json_requests": served[0], "errors": failed[0]}
 
 
+def soak(port: int, grpc_port: int, model: str, x8: np.ndarray, seconds: float, pid: int) -> dict:
+    """Server RSS (MB) sampled each second for `seconds` under a steady batch-8 mix, REST and gRPC."""
+    x1 = x8[:1].copy()
+    json_body = json.dumps({"inputs": [{"name": "input", "shape": list(x8.shape), "datatype": "FP32",
+                                        "data": x8.ravel().tolist()}]}).encode()
+    stop, counts = threading.Event(), {"json": 0, "scrapes": 0, "errors": 0}
+
+    def json_and_scrapes() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while not stop.is_set():
+            for method, path, body in (("POST", f"/v2/models/{model}/infer", json_body), ("GET", "/metrics", None),
+                                       ("GET", "/v1/monitoring/drift", None)):
+                connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+                response = connection.getresponse()
+                response.read()
+                counts["errors"] += response.status != 200
+                counts["json" if body else "scrapes"] += 1
+
+    results: list[dict] = []
+    loads = [threading.Thread(target=lambda bench=bench, to=to, x=x, n=n: results.append(
+        bench(to, model, x, n, seconds, pid)), daemon=True)
+        for bench, to, x, n in ((bench_server, port, x8, 2), (bench_server, port, x1, 4), (bench_grpc, grpc_port, x8, 1))]
+    side = threading.Thread(target=json_and_scrapes, daemon=True)
+    for thread in (*loads, side):
+        thread.start()
+    samples: list[tuple[float, float]] = []
+    began = time.perf_counter()
+    while any(thread.is_alive() for thread in loads):
+        samples.append((time.perf_counter() - began, rss_mb(pid)))
+        time.sleep(1.0)
+    stop.set()
+    side.join(timeout=60)
+    return {"samples": samples, "images": sum(r["images"] for r in results), "json": counts["json"],
+            "scrapes": counts["scrapes"], "errors": counts["errors"] + sum(r["errors"] for r in results)}
+
+
+def rss_verdict(samples: list[tuple[float, float]], warm_up_s: float = 10.0) -> dict:
+    """RSS after warm-up (the first `warm_up_s` or tenth of the run): first vs last quarter, slope, verdict.
+
+    Flat when the last quarter's mean is within max(5 MB, 2%) of the first quarter's and the
+    fitted slope, extrapolated over the settled span, stays within the same bound.
+    """
+    cut = max(warm_up_s, 0.1 * samples[-1][0])
+    settled = [(t, m) for t, m in samples if t >= cut] or samples
+    times, rss = np.array([t for t, _ in settled]), np.array([m for _, m in settled])
+    quarter = max(1, len(rss) // 4)
+    first, last = float(rss[:quarter].mean()), float(rss[-quarter:].mean())
+    slope = float(np.polyfit(times, rss, 1)[0] * 60) if len(rss) >= 2 else 0.0
+    bound = max(5.0, 0.02 * first)
+    flat = last - first < bound and slope * (times[-1] - times[0]) / 60 < bound
+    return {"warm_up_s": cut, "first": first, "last": last, "growth": last - first, "slope_mb_per_min": slope,
+            "min": float(rss.min()), "max": float(rss.max()), "bound": bound, "flat": flat,
+            "start": samples[0][1]}
+
+
 def start_server(path: Path, port: int, max_batch: int, timeout_ms: float, threads: int,
                  *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "serving", str(path), "--port", str(port), "--max-batch", str(max_batch),
@@ -277,7 +337,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each scenario")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads, both sides (0: default)")
+    parser.add_argument("--soak-seconds", type=float, default=0.0, help="run the RSS soak for this long")
+    parser.add_argument("--scenarios", default=None,
+                        help="comma-separated subset of throughput,health,soak (default: throughput,health "
+                             "and soak when --soak-seconds is given)")
+    parser.add_argument("--server-args", default="", help='extra `elude serve` flags, e.g. "--inference-nice 0"')
     args = parser.parse_args()
+    scenarios = set((args.scenarios or "throughput,health" + (",soak" if args.soak_seconds else "")).split(","))
+    if scenarios - {"throughput", "health", "soak"} or ("soak" in scenarios and args.soak_seconds <= 0):
+        parser.error("--scenarios takes throughput, health, soak; soak needs --soak-seconds > 0")
 
     sys.path.insert(0, str(ROOT))
     workdir = Path(tempfile.mkdtemp(prefix="elude-bench-"))
@@ -303,6 +371,44 @@ def main() -> int:
           f"{len(contract.taps)} taps); {os.cpu_count()} CPU(s); onnxruntime threads {args.threads or 'default'}; "
           f"{args.seconds:g} s per scenario; load average {os.getloadavg()[0]:.1f}")
 
+    if "throughput" in scenarios:
+        throughput_table(path, contract.model_name, x8, x1, port, args)
+    if "health" in scenarios:
+        x64 = rng.standard_normal((64, spec["channels"], spec["height"], spec["width"])).astype(np.float32)
+        process = start_server(path, port, 64, 2.0, args.threads, *args.server_args.split())
+        try:
+            health = health_under_json_load(port, contract.model_name, x64, args.seconds)
+        finally:
+            stop_server(process)
+        print(f"\nhealth while 4 clients send JSON requests of 64 images: p50 {health['p50']:.1f} ms, "
+              f"p99 {health['p99']:.1f} ms, max {health['max']:.1f} ms ({health['probes']} probes; "
+              f"{health['json_requests']} JSON requests, {health['errors']} errors; target p99 < 20 ms; "
+              f"load average {os.getloadavg()[0]:.1f})")
+    if "soak" in scenarios:
+        grpc_port = free_port()
+        process = start_server(path, port, 8, 2.0, args.threads, "--grpc-port", str(grpc_port),
+                               *args.server_args.split())
+        try:
+            result = soak(port, grpc_port, contract.model_name, x8, args.soak_seconds, process.pid)
+        finally:
+            stop_server(process)
+        verdict = rss_verdict(result["samples"])
+        print(f"\nsoak {args.soak_seconds:g} s (batch-8 mix: {result['images']:,} images, {result['json']} JSON "
+              f"requests, {result['scrapes']} scrapes, {result['errors']} errors): server RSS {verdict['start']:.1f} MB "
+              f"at start; after {verdict['warm_up_s']:.0f} s of warm-up first quarter {verdict['first']:.1f} MB, "
+              f"last quarter {verdict['last']:.1f} MB ({verdict['growth']:+.1f} MB), min {verdict['min']:.1f}, "
+              f"max {verdict['max']:.1f}, slope {verdict['slope_mb_per_min']:+.2f} MB/min -> "
+              f"{'flat' if verdict['flat'] else 'GROWING'} (bound {verdict['bound']:.0f} MB) "
+              f"(load average {os.getloadavg()[0]:.1f})")
+        step = max(1, len(result["samples"]) // 12)
+        print("RSS MB over time: " + ", ".join(f"{t:.0f} s {m:.1f}" for t, m in result["samples"][::step]))
+    return 0
+
+
+def throughput_table(path: Path, model: str, x8: np.ndarray, x1: np.ndarray, port: int, args) -> None:
+    """The server scenarios beside paired direct-session runs (see the module docstring)."""
+    from serving.server import free_port
+
     # The machine may be shared: each server scenario is paired with direct batch-8 runs right
     # before and after it, and its ratio is taken against their mean (same conditions).
     direct_spin = bench_direct(path, x8, args.seconds / 2, spinning=True, threads=args.threads)
@@ -319,11 +425,12 @@ def main() -> int:
             ("server, requests of 1 image, 16 clients, micro-batched to 8", x1, 16, 8, 2.0, bench_server),
             ("server over gRPC, requests of 8 images, 4 clients", x8, 4, 8, 1.0, bench_grpc)):
         before_direct = bench_direct(path, x8, args.seconds / 2, spinning=False, threads=args.threads)
-        process = start_server(path, port, max_batch, timeout_ms, args.threads, "--grpc-port", str(grpc_port))
+        process = start_server(path, port, max_batch, timeout_ms, args.threads, "--grpc-port", str(grpc_port),
+                               *args.server_args.split())
         try:
             before = rss_mb(process.pid)
             target = grpc_port if bench is bench_grpc else port
-            result = bench(target, contract.model_name, x, clients, args.seconds, process.pid)
+            result = bench(target, model, x, clients, args.seconds, process.pid)
             after = rss_mb(process.pid)
         finally:
             stop_server(process)
@@ -334,17 +441,6 @@ def main() -> int:
         lines.append(row(label, result, paired, f"{before:.0f} -> {result['warm_rss']:.0f} -> {after:.0f}"))
     lines += informational
     print("\n".join(lines))
-
-    x64 = rng.standard_normal((64, spec["channels"], spec["height"], spec["width"])).astype(np.float32)
-    process = start_server(path, port, 64, 2.0, args.threads)
-    try:
-        health = health_under_json_load(port, contract.model_name, x64, args.seconds)
-    finally:
-        stop_server(process)
-    print(f"\nhealth while 4 clients send JSON requests of 64 images: p50 {health['p50']:.1f} ms, "
-          f"p99 {health['p99']:.1f} ms, max {health['max']:.1f} ms ({health['probes']} probes; "
-          f"{health['json_requests']} JSON requests, {health['errors']} errors; target p99 < 20 ms)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -112,7 +112,8 @@ class AppState:
 
 
 def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> AppState:
-    runtime = runtime or ModelRuntime(config.model_path, config.provider, config.threads, name=config.model_name)
+    runtime = runtime or ModelRuntime(config.model_path, config.provider, config.threads, name=config.model_name,
+                                      nice=config.inference_nice)
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     contract = runtime.contract
@@ -131,7 +132,7 @@ def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> App
             drain.offer({name: outputs[name] for name in taps})
 
     batcher = MicroBatcher(runtime.run, config.max_batch, config.batch_timeout_ms / 1000.0, config.queue_size,
-                           observers=[record])
+                           observers=[record], run_nice=runtime.nice)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.dropped.set_function(lambda: drain.dropped)
     decoder = ImageDecoder(contract.input, config.max_image_pixels, config.max_request_pixels, config.decode_slots)

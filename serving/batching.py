@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from serving.errors import InferenceFailed, Overloaded
+from serving.priority import lower_this_thread
 from serving.runtime import Steering
 from serving.stats import RequestTiming
 
@@ -46,7 +47,7 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, run: RunFn, max_batch: int = 8, timeout_s: float = 0.002, queue_size: int = 64,
-                 observers: list[BatchObserver] | None = None):
+                 observers: list[BatchObserver] | None = None, run_nice: int = 0):
         self._run = run
         self.max_batch = max_batch
         self.timeout_s = timeout_s
@@ -56,6 +57,7 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._run_thread: ThreadPoolExecutor | None = None
+        self.run_nice = run_nice  # the run thread's priority below the loop's (see serving.priority)
 
     # lifecycle -----------------------------------------------------------------------------
     @property
@@ -66,7 +68,8 @@ class MicroBatcher:
         if self.running:
             return
         self._wakeup = asyncio.Event()
-        self._run_thread = ThreadPoolExecutor(1, thread_name_prefix="elude-run")
+        self._run_thread = ThreadPoolExecutor(1, thread_name_prefix="elude-run", initializer=lower_this_thread,
+                                              initargs=(self.run_nice,))
         self._worker = asyncio.get_running_loop().create_task(self._work(), name="elude-batcher")
 
     async def stop(self) -> None:

@@ -30,6 +30,10 @@ class ServeConfig:
     port: int = _opt(8000, "TCP port.", "PORT")
     provider: str = _opt("auto", "onnxruntime provider: auto (CUDA when present), cpu or cuda.", "PROVIDER")
     threads: int = _opt(0, "onnxruntime intra-op threads (0: onnxruntime's default).", "THREADS")
+    inference_nice: int = _opt(0, "How much lower than the HTTP event loop onnxruntime's threads run (Linux "
+                               "nice increment, 0..19; 0: same priority). 10 keeps health fast during runs on a "
+                               "machine of its own; beside busy processes it starves inference.",
+                               "INFERENCE_NICE")
     max_batch: int = _opt(8, "Most images per onnxruntime run (a larger single request runs alone).", "MAX_BATCH")
     batch_timeout_ms: float = _opt(2.0, "How long the first queued request waits for others to batch with.",
                                    "BATCH_TIMEOUT_MS")
@@ -79,6 +83,8 @@ class ServeConfig:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if not 0 <= self.inference_nice <= 19:
+            problems.append(f"inference_nice must be in 0..19, got {self.inference_nice}")
         if self.threads < 0 or self.monitor_top_n < 0 or self.max_in_flight < 0:
             problems.append("threads, monitor_top_n and max_in_flight must not be negative")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "shutdown_timeout_s", "state_interval_s"):

@@ -20,6 +20,7 @@ from elude_export.errors import ModelLoadError
 from elude_export.export.contract import INPUT_NAME, OnnxContract
 from elude_export.export.ort_session import open_session
 from serving.errors import BadRequest, NonFiniteOutput
+from serving.priority import call_lowered
 from serving.steering import InvalidSteering, UnknownSubunit, steer_vectors
 
 log = logging.getLogger("elude.serving")
@@ -95,14 +96,16 @@ class ModelRuntime:
     """One inference session; `run` is thread-safe (onnxruntime sessions are)."""
 
     def __init__(self, model_path: str | Path, provider: str = "auto", threads: int = 0,
-                 allow_spinning: bool = False, name: str | None = None):
+                 allow_spinning: bool = False, name: str | None = None, nice: int = 0):
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"ONNX model not found: {path}")
         # the session validate measured (CUDA without TF32); one inter-op thread and, by default,
-        # no spinning: idle intra-op threads would burn the cores the HTTP event loop needs
-        self.session = open_session(path, provider, ModelLoadError, threads=threads, inter_op_threads=1,
-                                    allow_spinning=allow_spinning)
+        # no spinning: idle intra-op threads would burn the cores the HTTP event loop needs; its
+        # pool threads are created `nice` below this thread (`run` should be called at it too)
+        self.nice = nice
+        self.session = call_lowered(lambda: open_session(path, provider, ModelLoadError, threads=threads,
+                                                         inter_op_threads=1, allow_spinning=allow_spinning), nice)
         try:
             self.contract = OnnxContract.from_metadata_props(dict(self.session.get_modelmeta().custom_metadata_map))
         except ValueError as exc:

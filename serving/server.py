@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 
@@ -13,6 +14,7 @@ from elude_export.errors import EludeError
 from serving.app import create_app
 from serving.config import ServeConfig
 from serving.connections import header_timeout_protocol
+from serving.priority import SWITCH_INTERVAL_S
 
 
 def uvicorn_config(app: FastAPI, config: ServeConfig, **overrides) -> uvicorn.Config:
@@ -30,6 +32,7 @@ def uvicorn_config(app: FastAPI, config: ServeConfig, **overrides) -> uvicorn.Co
 def serve(config: ServeConfig) -> None:
     """Blocking: load the model, serve until SIGINT/SIGTERM."""
     check_bindable(config.host, config.port)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process is the server: the loop waits less for the GIL
     app = create_app(config)
     uvicorn.Server(uvicorn_config(app, config)).run()
 
