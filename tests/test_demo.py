@@ -21,3 +21,16 @@ def test_demo_runs_the_whole_pipeline_and_every_check_passes(tmp_path: Path) -> 
     # the fused rewrite is bitwise: the equality line reports a max |Δ| of exactly 0
     fused = next(line for line in result.output.splitlines() if "fused output" in line)
     assert "max|Δ| 0.000e+00" in fused
+    # labels on the fit images go into the ONNX, and the steering table uses them
+    from elude_export.evidence.labels import load_labels
+    from elude_export.export.contract import read_contract
+    from elude_export.plan import load_plan
+
+    plan = load_plan(out / "plan.safetensors")
+    labels = load_labels(out / "labels.json", plan.fingerprint())
+    carried = read_contract(out / "model.onnx").labels
+    assert {n for layer in plan.layers for n in layer.subunit_names()} <= set(carried)
+    assert all(carried[n].text == labels.labels[n].text for n in carried)
+    selectivity = json.loads((out / "selectivity.json").read_text())
+    assert len(selectivity["rows"]) == 32 and selectivity["images_per_concept"] == 16
+    assert "median selectivity (margin, headline)" in result.output

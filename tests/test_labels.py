@@ -150,3 +150,61 @@ def test_object_masks_are_where_the_object_was_drawn():
         inside = data.images[i][masks[i]].astype(float).mean(0)
         outside = data.images[i][~masks[i]].astype(float).mean(0)
         assert inside.max() > 150 and outside.max() < 90
+
+
+def test_cli_inspect_shows_each_subunits_label_from_json_or_onnx(labelled, tmp_path):
+    loaded, plan, labels, path, plan_path, _ = labelled
+    names = plan.layer(LAYER).subunit_names()
+    result = CliRunner().invoke(main, ["inspect", str(plan_path), "--labels", str(path)])
+    assert result.exit_code == 0, result.output
+    for name in (names[0], names[-1]):
+        assert f"  {name}  {labels.labels[name].text}\n" in result.output
+    onnx_path = export_onnx(loaded, plan, tmp_path / "m.onnx", taps=f"{LAYER}:max",
+                            options=ExportOptions(exporter="torchscript"), labels=labels.labels)
+    from_onnx = CliRunner().invoke(main, ["inspect", str(plan_path), "--labels", str(onnx_path)])
+    assert from_onnx.exit_code == 0, from_onnx.output
+    assert f"  {names[1]}  {labels.labels[names[1]].text}\n" in from_onnx.output
+
+
+@pytest.mark.parametrize("case, message", [("truncated", "not valid JSON"), ("foreign", "another plan"),
+                                           ("missing", "not found"), ("not onnx", "cannot read labels")])
+def test_cli_inspect_refuses_bad_label_files_in_one_line(labelled, tmp_path, case, message):
+    _, _, _, path, plan_path, _ = labelled
+    bad = tmp_path / ("labels.onnx" if case == "not onnx" else "labels.json")
+    if case == "truncated":
+        bad.write_text(path.read_text()[:-40])
+    elif case == "foreign":
+        bad.write_text(json.dumps({**json.loads(path.read_text()), "plan_fingerprint": "f" * 16}))
+    elif case == "not onnx":
+        bad.write_text("this is not an onnx file")
+    result = CliRunner().invoke(main, ["inspect", str(plan_path), "--labels", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and message in result.output
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_cli_steer_evaluate_prints_the_concept_table_from_a_label_file(labelled, tmp_path):
+    _, plan, _, path, plan_path, checkpoint = labelled
+    out = tmp_path / "sel.json"
+    result = CliRunner().invoke(main, ["steer", "--evaluate", "--plan", str(plan_path), "--checkpoint", str(checkpoint),
+                                       "--labels", str(path), "--per-concept", "3", "--min-share", "0.3",
+                                       "--device", "cpu", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "median selectivity (margin, headline)" in result.output and "| red circle |" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["layers"] == [LAYER] and saved["images_per_concept"] == 3
+    assert {row["method"] for row in saved["rows"]} == {"sub-units", "units"} and len(saved["rows"]) == 32
+
+
+@pytest.mark.parametrize("extra, message", [(["--subunit", f"{LAYER}/0000.0"], "drop --subunit"),
+                                            ([], None), (["--data", "digits:test"], "ground-truth concepts")])
+def test_cli_steer_evaluate_refuses_bad_requests_in_one_line(labelled, extra, message):
+    _, _, _, path, plan_path, checkpoint = labelled
+    args = ["steer", "--plan", str(plan_path), "--checkpoint", str(checkpoint), *extra]
+    if message is not None:
+        args.append("--evaluate")
+    else:
+        message = "give --subunit NAME"
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and message in result.output and "Traceback" not in result.output

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import click
 
+from elude_export.artifacts import write_json_atomic
 from elude_export.errors import DataError, EludeError
+
+DEMO_PER_CONCEPT = 16  # held-out images per concept in the demo's steering table: ~8 s on 2 CPU cores
 
 def model_options(command):
     """Options shared by every command that loads a model."""
@@ -38,11 +41,19 @@ def split_patterns(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--top", type=click.IntRange(0), default=5, show_default=True,
               help="Show this many most frequently firing sub-units per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan manifest as JSON.")
-def inspect_command(plan_path, top, as_json):
-    """Summarise a plan: layers, how many units were split, the K distribution, top sub-units."""
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Labels of this plan (`elude label`'s JSON, or an .onnx exported with --labels): list every "
+                   "sub-unit with its label.")
+def inspect_command(plan_path, top, as_json, labels_path):
+    """Summarise a plan: layers, how many units were split, the K distribution, top sub-units (and their labels)."""
     from elude_export.plan import load_plan
 
     plan = load_plan(plan_path)
+    labels = {}
+    if labels_path is not None:  # read before printing anything: a bad file is one error line
+        from elude_export.evidence.labels import labels_from_file
+
+        labels = labels_from_file(labels_path, plan.fingerprint())
     if as_json:
         click.echo(json.dumps(plan.manifest(), indent=2))
         return
@@ -59,8 +70,19 @@ def inspect_command(plan_path, top, as_json):
             names = layer.subunit_names()
             rates = layer.stats["fire_rate"]
             order = rates.argsort(descending=True)[:top].tolist()
-            listed = ", ".join(f"{names[i]} {rates[i]:.2f}" for i in order)
+            listed = ", ".join(f"{names[i]} {rates[i]:.2f}" + (f" [{_label_text(labels, names[i])}]" if labels else "")
+                               for i in order)
             click.echo(f"  {listed}")
+    if labels:
+        click.echo(f"\nsub-unit labels ({labels_path}):")
+        for layer in plan.layers:
+            for name in layer.subunit_names():
+                click.echo(f"  {name}  {_label_text(labels, name)}")
+
+
+def _label_text(labels, name: str) -> str:
+    label = labels.get(name)
+    return "no label" if label is None else label.text
 
 
 @click.command("demo")
@@ -76,7 +98,9 @@ def demo_command(out_dir, device, check_images, sae, quiet):
     """Run the whole pipeline on the embedded concept ViT and data, offline.
 
     fit -> plan -> lossless rewrite check -> ONNX export -> onnxruntime validation ->
-    interpretability evaluation (units vs sub-units vs random-split control) on held-out images.
+    interpretability evaluation (units vs sub-units vs controls) on held-out images ->
+    concept-selective steering (sub-units vs parent units, a small `elude steer --evaluate`).
+    Labels (`elude label` on the fit images) go into the ONNX metadata and name the ablated columns.
     """
     from elude_export.models import resolve_device
     from elude_export.rewrite.equality import check_rewrite
@@ -86,6 +110,8 @@ def demo_command(out_dir, device, check_images, sae, quiet):
     from elude_export.export.onnx_export import export_onnx
     from elude_export.data.sources import open_source
     from elude_export.export.validate import validate_export
+    from elude_export.evidence.labels import compute_labels
+    from elude_export.evidence.selectivity import concept_selectivity
 
     started = time.perf_counter()
     try:
@@ -108,7 +134,14 @@ def demo_command(out_dir, device, check_images, sae, quiet):
     if not all(result.ok for result in results):
         raise EludeError("rewritten model does not match the original within tolerance")
 
-    onnx_path = export_onnx(loaded, report.plan, out_dir / "model.onnx", taps="all:max,mean", steer=True)
+    calib, labelling = open_source("embedded:calib"), time.perf_counter()
+    labels = compute_labels(loaded, report.plan, calib, batch_size=256, device=target)
+    labels_path = labels.write(out_dir / "labels.json")
+    labelled, unlabelled = labels.counts()
+    click.echo(f"\nlabels: {labels_path} ({labelled} labelled, {unlabelled} unlabelled columns; top-20 concepts "
+               f"of {calib.name}; {time.perf_counter() - labelling:.1f}s)")
+    onnx_path = export_onnx(loaded, report.plan, out_dir / "model.onnx", taps="all:max,mean", steer=True,
+                            labels=labels.labels)
     click.echo(f"\nexported {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB); validating under onnxruntime:")
     validation = validate_export(loaded, report.plan, onnx_path, open_source("embedded:test"), provider="auto")
     for line in validation.lines():
@@ -122,6 +155,14 @@ def demo_command(out_dir, device, check_images, sae, quiet):
     evaluation = evaluate(loaded, report.plan, open_source("embedded:test"), config,
                           sae_source=open_source("embedded:calib") if sae else None, device=target)
     click.echo(evaluation.table())
+
+    click.echo(f"\nconcept-selective steering ({DEMO_PER_CONCEPT} held-out images per concept; the full table: "
+               "`elude steer --evaluate --plan PLAN`):")
+    selectivity = concept_selectivity(loaded, report.plan, labels.labels, open_source("embedded:test"),
+                                      [layer.path for layer in report.plan.layers], per_concept=DEMO_PER_CONCEPT,
+                                      device=target, label_data=calib.name)
+    write_json_atomic(out_dir / "selectivity.json", selectivity.to_json(), EludeError)
+    click.echo(selectivity.table())
     click.echo(f"\ndemo finished in {time.perf_counter() - started:.1f}s; artifacts in {out_dir}/")
 
 

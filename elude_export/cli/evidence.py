@@ -144,33 +144,100 @@ def report_command(output, layer, max_units, order, **options):
 
 @click.command("steer")
 @click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan file.")
-@click.option("--subunit", required=True, help="Sub-unit name, e.g. blocks.3.mlp/0042.1 (see `elude inspect`).")
+@click.option("--subunit", default=None, help="Sub-unit name, e.g. blocks.3.mlp/0042.1 (see `elude inspect`).")
 @click.option("--scale", type=float, default=0.0, show_default=True, help="Steer: 0 ablates, 1 is neutral, 2 doubles.")
 @click.option("--whole-unit", is_flag=True, help="Scale every sub-unit of the unit (the neuron-level baseline).")
+@click.option("--evaluate", "evaluate_concepts", is_flag=True,
+              help="Instead of one sub-unit: ablate, for each ground-truth concept, the sub-units labelled with it vs "
+                   "their parent units (vs SAE latents with --sae) and print the selectivity table (concept data).")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --evaluate: labels from `elude label` (same plan, concept data); default: computed on "
+                   "--label-data.")
+@click.option("--label-data", default="embedded:calib", show_default=True,
+              help="With --evaluate and no --labels: images the columns are labelled on (not the measured ones).")
+@click.option("--layers", "layer_patterns", multiple=True,
+              help="With --evaluate: ablate in these plan layers only (default: every plan layer).")
+@click.option("--per-concept", type=click.IntRange(1), default=32, show_default=True,
+              help="With --evaluate: held-out images per concept the effects are measured on.")
+@click.option("--min-share", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="With --evaluate: label share a column needs to count as the concept's.")
+@click.option("--sae/--no-sae", default=False, show_default=True,
+              help="With --evaluate: also train a TopK SAE per layer on --label-data and ablate its latents (slow).")
+@click.option("--sae-steps", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--model", default=None, help="Model the plan was fitted on (default: the plan's model name).")
 @model_options
 @click.option("--data", default="embedded:test", show_default=True, help="Images to measure the effect on.")
 @click.option("--limit", type=click.IntRange(1), default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Default 64; 256 with --evaluate.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def steer_command(plan_path, subunit, scale, whole_unit, model, checkpoint, pretrained, img_size, data, limit,
+def steer_command(plan_path, subunit, scale, whole_unit, evaluate_concepts, labels_path, label_data, layer_patterns,
+                  per_concept, min_share, sae, sae_steps, model, checkpoint, pretrained, img_size, data, limit,
                   batch_size, device, json_out):
-    """Scale one sub-unit and show how class probabilities change where it is routed vs where its siblings are."""
+    """Scale one sub-unit and show how class probabilities change where it is routed vs where its siblings are.
+
+    With --evaluate: concept-selective steering, measured (see docs/evidence.md).
+    """
     from elude_export.models import resolve_device
     from elude_export.data.sources import open_source
     from elude_export.evidence.steering import resolve_subunit, steer_effect
 
     if json_out is not None and not json_out.parent.exists():
         raise DataError(f"output directory {json_out.parent} does not exist")
+    if evaluate_concepts and (subunit is not None or whole_unit or scale != 0.0):
+        raise DataError("--evaluate ablates every concept's columns itself: drop --subunit, --whole-unit and --scale")
+    if not evaluate_concepts and subunit is None:
+        raise DataError("give --subunit NAME (one sub-unit to steer) or --evaluate (the concept selectivity table)")
     plan, loaded = _load(plan_path, model, checkpoint, pretrained, img_size)
-    resolve_subunit(plan, subunit)  # fail on a bad name before touching data
-    source = open_source(data, (loaded.input_spec.height, loaded.input_spec.width))
-    result = steer_effect(loaded, plan, subunit, scale, source, whole_unit, limit, batch_size, resolve_device(device))
+    batch_size = batch_size or (256 if evaluate_concepts else 64)
+    if evaluate_concepts:
+        result = _concept_selectivity(plan, loaded, labels_path, label_data, data, split_patterns(layer_patterns),
+                                      per_concept, min_share, sae, sae_steps, batch_size, resolve_device(device))
+    else:
+        resolve_subunit(plan, subunit)  # fail on a bad name before touching data
+        source = open_source(data, (loaded.input_spec.height, loaded.input_spec.width))
+        result = steer_effect(loaded, plan, subunit, scale, source, whole_unit, limit, batch_size,
+                              resolve_device(device))
     click.echo(result.table())
     if json_out is not None:
         write_json_atomic(json_out, result.to_json(), DataError)
         click.echo(f"wrote {json_out}")
+
+
+def _concept_selectivity(plan, loaded, labels_path, label_data, data, layers, per_concept, min_share, sae, sae_steps,
+                         batch_size, device):
+    """`steer --evaluate`: label (or read the labels), then ablate concept by concept."""
+    from elude_export.data.sources import open_source
+    from elude_export.evidence.baselines.sae_model import SAEConfig
+    from elude_export.evidence.evaluate import check_layers
+    from elude_export.evidence.labels import compute_labels, load_labels
+    from elude_export.evidence.selectivity import concept_selectivity
+
+    check_layers(plan, layers)
+    size = (loaded.input_spec.height, loaded.input_spec.width)
+    source = open_source(data, size)
+    if source.concepts is None:
+        raise DataError(f"--evaluate needs data with ground-truth concepts (embedded:test), not {data}")
+    label_source = _source(label_data, loaded, "label") if labels_path is None or sae else None
+    if labels_path is None and label_source is not None and label_source.concepts is None:
+        raise DataError(f"--label-data {label_data} has no ground-truth concepts: use embedded:calib")
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if labels_path is not None:
+        labels = load_labels(labels_path, plan.fingerprint())
+    else:
+        assert label_source is not None
+        labels = compute_labels(loaded, plan, label_source, layers=layers, batch_size=batch_size, device=device,
+                                log=log)
+    if labels.data == source.name:
+        click.echo(f"note: the labels were computed on {labels.data}, the images measured; columns picked by their "
+                   "top images there look more selective than they are (label on embedded:calib)", err=True)
+    if labels.basis != "concept":
+        raise DataError(f"labels from {labels.data or 'that file'} name classes, not concepts: label on concept data "
+                        "(embedded:calib or embedded:test)")
+    return concept_selectivity(loaded, plan, labels.labels, source, layers or [layer.path for layer in plan.layers],
+                               min_share, per_concept, label_source,
+                               SAEConfig(n_latents=1, k=32, steps=sae_steps, batch_size=512) if sae else None,
+                               batch_size=batch_size, device=device, label_data=labels.data, log=log)
 
 
 @click.command("label")

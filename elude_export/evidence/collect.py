@@ -77,8 +77,9 @@ def collect(setup: EvalSetup, source: ImageSource, baselines: Mapping[str, Basel
     rewritten_layers = disentangled_layers(rewritten)
     hidden: dict[str, torch.Tensor] = {}
     routes: dict[str, torch.Tensor] = {}
-    handles = [layer.consumer.register_forward_pre_hook(lambda _m, args, path=path: hidden.__setitem__(path, args[0]))
-               for path, layer in setup.neuron_layers.items()]
+    handles = [layer.consumer.register_forward_pre_hook(  # as tokens, whatever the family's layout (ViT, CNN)
+        lambda _m, args, layer=layer: hidden.__setitem__(layer.path, layer.to_tokens(args[0])))
+        for layer in setup.neuron_layers.values()]
     handles += [layer.router.register_forward_hook(lambda _m, _i, out, path=path: routes.__setitem__(path, out))
                 for path, layer in rewritten_layers.items()]
     contexts: dict[str, torch.Tensor] = {}

@@ -131,25 +131,49 @@ def _class_names(source: ImageSource) -> list[str]:
 def compute_labels(loaded: LoadedModel, plan: Plan, source: ImageSource, top_n: int = 20,
                    layers: list[str] | None = None, batch_size: int = 64, limit: int | None = None,
                    device: torch.device | str = "cpu", log: Callable[[str], None] = lambda _m: None) -> LabelSet:
-    """Labels of every unit and sub-unit of the plan's (or the given) layers on a labelled set."""
-    from elude_export.evidence.baselines import ELUDE, UNITS, registered_baselines
-    from elude_export.evidence.collect import collect
-    from elude_export.evidence.evaluate import EvalConfig, make_setup
+    """Labels of every unit and sub-unit of the plan's (or the given) layers on a labelled set.
+
+    One forward of the rewritten model per batch serves both families: with every steer at 1
+    its layers read the original `h` bit for bit (units) and tap the sub-units (ELUDe), so
+    labels cost a third of an evaluation pass (no original-model forward, no embeddings).
+    """
+    from elude_export.evidence.baselines.base import image_max, unit_columns
+    from elude_export.evidence.collect import RunningTopN
+    from elude_export.models import model_batches
+    from elude_export.rewrite import apply_plan, disentangled_layers
+    from elude_export.vocabulary import IMAGE_POOLING
 
     if source.labels is None:
         raise DataError(f"data {source.name} has no labels: labels need a labelled set (e.g. embedded:test)")
-    config = EvalConfig(top_n=top_n, layers=layers, batch_size=batch_size, limit=limit, sae=False)
-    setup = make_setup(loaded, plan, config, None, torch.device(device), log)
-    kinds = registered_baselines()
-    baselines = {name: kinds[name](setup) for name in (UNITS, ELUDE)}
-    collected = collect(setup, source, baselines)
+    device = torch.device(device)
+    paths = layers or [layer.path for layer in plan.layers]
+    model = loaded.model.eval().to(device)
+    rewritten = apply_plan(model, plan, layers=paths, poolings=(IMAGE_POOLING,)).to(device)
+    rewritten_layers = disentangled_layers(rewritten)
+    unit_max: dict[str, torch.Tensor] = {}
+    handles = [layer.consumer.register_forward_pre_hook(
+        lambda module, args, path=path: unit_max.__setitem__(path, image_max(module.tokens(args[0]))))
+        for path, layer in rewritten_layers.items()]
+    tops = {path: (RunningTopN(top_n), RunningTopN(top_n)) for path in paths}
+    dtype = next(model.parameters()).dtype
+    try:
+        for indices, batch in model_batches(source, loaded.input_spec, batch_size, device, dtype, limit):
+            rewritten(batch)
+            ids = torch.as_tensor(indices)
+            for path, (units, subunits) in tops.items():
+                units.update(unit_max[path], ids)
+                subunits.update(rewritten_layers[path].taps[IMAGE_POOLING], ids)
+    finally:
+        for handle in handles:
+            handle.remove()
     labels: dict[str, SubunitLabel] = {}
-    for path, layer in setup.layers.items():
-        for name, baseline in baselines.items():
-            top = collected.tops[name][path]
-            assert top.images is not None and top.active is not None
-            labels.update(label_columns(baseline.columns(layer).names, top.images.numpy(), top.active.numpy(),
-                                        source, top_n))
+    for path, pair in tops.items():
+        layer = plan.layer(path)
+        for names, top in zip((unit_columns(layer).names, layer.subunit_names()), pair):
+            if top.images is None or top.active is None:
+                raise DataError(f"no images in {source.name}")
+            labels.update(label_columns(names, top.images.numpy(), top.active.numpy(), source, top_n))
+    log(f"labelled {len(labels)} columns on {source.name}")
     return LabelSet(plan.fingerprint(), source.name, top_n, label_basis(source)[2], labels)
 
 
@@ -180,6 +204,25 @@ def load_labels(path: str | Path, plan_fingerprint: str | None = None) -> LabelS
                         str(raw.get("basis", "")), labels)
     except (KeyError, TypeError, ValueError) as exc:
         raise LabelFileError(f"{path}: malformed label entry ({exc})") from exc
+
+
+def labels_from_file(path: str | Path, plan_fingerprint: str | None = None) -> dict[str, SubunitLabel]:
+    """Labels from `elude label`'s JSON or from an exported `.onnx` (its `elude.labels` metadata), checked."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        return load_labels(path, plan_fingerprint).labels
+    from elude_export.export.contract import read_contract
+
+    try:
+        contract = read_contract(path)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+        raise LabelFileError(f"cannot read labels from {path}: {exc}") from exc
+    if plan_fingerprint is not None and contract.plan_fingerprint != plan_fingerprint:
+        raise LabelFileError(f"{path} was exported from another plan (fingerprint {contract.plan_fingerprint}, "
+                             f"this plan {plan_fingerprint})")
+    if not contract.labels:
+        raise LabelFileError(f"{path} carries no labels (export it with `elude export --labels labels.json`)")
+    return contract.labels
 
 
 def _checked_label(entry: Any) -> SubunitLabel:

@@ -130,7 +130,7 @@ def token_mask_evidence(loaded: Any, plans: Mapping[str, Any], source: ImageSour
         rewritten = apply_plan(model, plan, layers=layers, poolings=(), token_taps=True).to(device)
         rewritten_layers = disentangled_layers(rewritten)
         hidden: dict[str, torch.Tensor] = {}
-        handles = [layer.consumer.register_forward_pre_hook(lambda _m, args, path=path: hidden.__setitem__(path, args[0]))
+        handles = [layer.consumer.register_forward_pre_hook(lambda m, args, path=path: hidden.__setitem__(path, m.tokens(args[0])))
                    for path, layer in rewritten_layers.items()]
         dtype = next(rewritten.parameters()).dtype
         try:

@@ -133,7 +133,7 @@ def argmax_tokens(loaded: LoadedModel, plan: Plan, source: ImageSource, path: st
         model(batch)
     finally:
         hook.remove()
-    hidden = captured[-1] if captured[-1].ndim == 3 else captured[-1].unsqueeze(1)  # (B, T, H)
+    hidden = layer.consumer.tokens(captured[-1])  # (B, T, H) in the layer's own layout rule (ViT or CNN)
     tokens = layer.taps[TOKEN_TAP]  # (B, T, S)
     position = {int(image): row for row, image in enumerate(flat)}
     unit_images, sub_images = images[:, 0], images[:, 1:]

@@ -60,7 +60,7 @@ class SharedForward:
     labels: torch.Tensor
     ids: torch.Tensor  # dataset indices of the images
     logits: torch.Tensor  # of the original model
-    hidden: dict[str, torch.Tensor]  # per layer, what the consumer (fc2) reads: (B, T, H) or (B, H)
+    hidden: dict[str, torch.Tensor]  # per layer, what the consumer (fc2) reads, as tokens (B, T, H) (`to_tokens`)
     rewritten_logits: torch.Tensor  # of the ELUDe-rewritten model
     taps: dict[str, torch.Tensor]  # per layer, the rewritten model's image taps (B, S), IMAGE_POOLING
     routes: dict[str, torch.Tensor]  # per layer in module order, its router output: (B, H) or (B, T, H)
@@ -82,7 +82,10 @@ def image_context(layer: NeuronLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def image_max(h: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) or (B, H) -> (B, H) image activation: the max over tokens, as the IMAGE_POOLING tap."""
+    """(B, T, H) tokens (or (B, H)) -> (B, H) image activation: the max over tokens, as the IMAGE_POOLING tap.
+
+    A feature map must be converted first (`NeuronLayer.to_tokens`): its channels are not last.
+    """
     return (h if h.ndim == 3 else h.unsqueeze(1)).float().amax(1)
 
 

@@ -55,8 +55,10 @@ class GlobalClusterBaseline(SubunitBaseline):
         setup = self.setup
         seen: dict[str, list[torch.Tensor]] = {path: [] for path in setup.layers}
         layers = {path: setup.neuron_layers[path] for path in setup.layers}
+        # copied: a CLS context is a view that would keep the whole batch input alive
         handles = [layer.input_module.register_forward_pre_hook(
-            lambda _m, args, path=path, layer=layer: seen[path].append(image_context(layer, args[0]).cpu()))
+            lambda _m, args, path=path, layer=layer: seen[path].append(
+                image_context(layer, args[0]).to("cpu", copy=True)))
             for path, layer in layers.items()]
         dtype = next(setup.model.parameters()).dtype
         try:

@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from elude_export.errors import DataError
 from elude_export.evidence.baselines.base import Baseline, Columns, EvalSetup, SharedForward
 from elude_export.evidence.baselines.registry import register_baseline
-from elude_export.evidence.baselines.sae_model import SAEConfig, SAEHistory, TopKSAE, collect_hidden_tokens, train_sae
+from elude_export.evidence.baselines.sae_model import (
+    SAEConfig, SAEHistory, TopKSAE, collect_hidden_tokens, in_layout, train_sae,
+)
+from elude_export.layers import NeuronLayer
 from elude_export.plan import LayerPlan
 
 
@@ -69,19 +71,20 @@ class SAEBaseline(Baseline):
                       f"{history.seconds:.1f}s, held-out FVU {history.fvu[-1][1]:.4f}")
 
     def observe(self, forward: SharedForward) -> dict[str, torch.Tensor]:
-        return {path: self._observe_layer(state, self.setup.neuron_layers[path].consumer, forward.hidden[path], forward)
+        return {path: self._observe_layer(state, self.setup.neuron_layers[path], forward.hidden[path], forward)
                 for path, state in self.states.items()}
 
-    def _observe_layer(self, state: _SAEState, consumer: nn.Module, h: torch.Tensor,
+    def _observe_layer(self, state: _SAEState, layer: NeuronLayer, h: torch.Tensor,
                        forward: SharedForward) -> torch.Tensor:
-        """Latent image maxima, reconstruction error and spliced accuracy of one SAE on one batch."""
+        """Latent image maxima, reconstruction error and spliced accuracy of one SAE on one batch (h: tokens)."""
         tokens = h.float().reshape(-1, h.shape[-1])
         latents = state.sae.encode(tokens)
         state.error += float((state.sae.decode(latents) - tokens).pow(2).sum())
         state.sum_h = tokens.sum(0) if state.sum_h is None else state.sum_h + tokens.sum(0)
         state.sum_sq += float(tokens.pow(2).sum())
         state.count += tokens.shape[0]
-        splice = consumer.register_forward_pre_hook(lambda _m, args: (state.sae(args[0].float()).to(args[0].dtype),))
+        splice = layer.consumer.register_forward_pre_hook(
+            lambda _m, args: (in_layout(state.sae, args[0].float(), layer.channel_axis).to(args[0].dtype),))
         try:
             state.correct += int((self.setup.model(forward.batch).argmax(1) == forward.labels).sum())
         finally:

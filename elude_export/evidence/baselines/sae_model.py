@@ -180,6 +180,13 @@ def _train_sae(h: torch.Tensor, config: SAEConfig, device: torch.device | str) -
     return sae.eval(), history
 
 
+def in_layout(fn, h: torch.Tensor, channel_axis: int) -> torch.Tensor:
+    """Apply a token-wise map (B, T, H) -> (B, T, H) to `h` in its own layout (tokens, or a feature map)."""
+    from elude_export.layers import from_tokens, to_tokens
+
+    return from_tokens(fn(to_tokens(h, channel_axis)), h, channel_axis)
+
+
 @torch.no_grad()
 def collect_hidden_tokens(
     model: nn.Module, layers: list[NeuronLayer], source: ImageSource, spec: InputSpec, max_tokens: int = 200_000,
@@ -195,12 +202,12 @@ def collect_hidden_tokens(
     total_images = len(source) if limit is None else min(limit, len(source))
     generator = torch.Generator().manual_seed(seed)
     kept: dict[str, list[torch.Tensor]] = {layer.path: [] for layer in layers}
+    layer_of = {layer.path: layer for layer in layers}
 
     def hook(path: str):
         def record(_module: nn.Module, args: tuple) -> None:
-            h = args[0].detach().float()
-            tokens_per_image = h.shape[1] if h.ndim == 3 else 1
-            keep = min(1.0, max_tokens / max(1, total_images * tokens_per_image))
+            h = layer_of[path].to_tokens(args[0].detach().float())  # (B, T, H) for a ViT and a CNN alike
+            keep = min(1.0, max_tokens / max(1, total_images * h.shape[1]))
             h = h.reshape(-1, h.shape[-1])
             mask = torch.rand(h.shape[0], generator=generator) < keep
             kept[path].append(h[mask.to(h.device)].cpu())
