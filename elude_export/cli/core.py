@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from elude_export.artifacts import write_json_atomic
-from elude_export.errors import DataError, EludeError
+from elude_export.errors import EludeError
 
 DEMO_PER_CONCEPT = 16  # held-out images per concept in the demo's steering table: ~8 s on 2 CPU cores
 

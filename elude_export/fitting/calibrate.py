@@ -26,7 +26,6 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 

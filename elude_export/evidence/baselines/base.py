@@ -24,7 +24,6 @@ from elude_export.vocabulary import unit_name
 if TYPE_CHECKING:
     from elude_export.data.sources import ImageSource
     from elude_export.evidence.evaluate import EvalConfig
-    from elude_export.layers import NeuronLayer
     from elude_export.models import LoadedModel
     from elude_export.plan import LayerPlan, Plan
 
