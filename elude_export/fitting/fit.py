@@ -14,7 +14,9 @@ from elude_export.fitting.calibrate import LayerActivations, collect_activations
 from elude_export.fitting.memory import PeakMemory
 from elude_export.fitting.chunks import auto_unit_chunk
 from elude_export.fitting.routers import fit_layer
-from elude_export.fitting.statistics import QUANTILE_LEVELS, statistics_images, subunit_statistics
+from elude_export.fitting.statistics import (
+    QUANTILE_LEVELS, can_reuse_calibration, statistics_images, subunit_statistics,
+)
 from elude_export.layers import find_layers, survey_layers
 from elude_export.models import LoadedModel, fingerprint_model
 from elude_export.plan import Plan
@@ -110,16 +112,15 @@ def fit(
         split = int(layer_plans[-1].split_units.numel())
         log(f"  {layer.path}: {split}/{layer.n_units} units split -> {layer_plans[-1].n_subunits} sub-units")
     seconds["cluster"] = time.perf_counter() - started
-    calibration = acts if all(layer_acts.image_maxima is not None for layer_acts in acts.values()) else None
-    del acts  # token descriptors can be GBs; the statistics need only the context-router maxima
-
     plan = Plan(
         layers=layer_plans, model_name=loaded.name, model_fingerprint=fingerprint_model(loaded.model),
         input_spec=loaded.input_spec, router=config.router,
         fit_config={**asdict(config), "n_images": n_images}, quantile_levels=QUANTILE_LEVELS,
     )
+    n_stats = statistics_images(config, n_images)
+    calibration = acts if can_reuse_calibration(plan, acts, n_stats) else None
+    del acts  # token descriptors can be GBs; the statistics need only the context-router maxima
     started = time.perf_counter()
-    subunit_statistics(loaded, plan, source, config, device, progress, statistics_images(config, n_images),
-                       calibration=calibration)
+    subunit_statistics(loaded, plan, source, config, device, progress, n_stats, calibration=calibration)
     seconds["statistics"] = time.perf_counter() - started
     return FitReport(plan, seconds, n_images, peak.megabytes())
