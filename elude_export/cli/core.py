@@ -11,6 +11,7 @@ import click
 from elude_export.artifacts import write_json_atomic
 from elude_export.errors import EludeError
 
+DEVICE = click.Choice(["auto", "cpu", "cuda"])  # where a command runs; "auto": CUDA when present
 DEMO_PER_CONCEPT = 16  # held-out images per concept in the demo's steering table: ~8 s on 2 CPU cores
 
 def model_options(command):
@@ -88,7 +89,7 @@ def _label_text(labels, name: str) -> str:
 @click.command("demo")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("elude-demo"),
               show_default=True, help="Where the plan (and exports) are written.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--check-images", type=click.IntRange(8), default=512, show_default=True,
               help="Held-out images for the equality check.")
 @click.option("--sae/--no-sae", default=False, show_default=True,

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
-from elude_export.cli.core import load_model_from_options, model_options, split_patterns
+from elude_export.cli.core import DEVICE, load_model_from_options, model_options, split_patterns
 from elude_export.artifacts import write_json_atomic
 from elude_export.errors import DataError
 
-DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
 
 def _load(plan_path: Path, model: str | None, checkpoint, pretrained, img_size):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from elude_export.cli.core import load_model_from_options, model_options, split_patterns
+from elude_export.cli.core import DEVICE, load_model_from_options, model_options, split_patterns
 from elude_export.errors import DataError
 
 
@@ -26,7 +26,7 @@ def calibration_options(command):
         click.option("--per-image-cap", type=click.IntRange(1), default=2, show_default=True,
                      help="Token router: at most this many tokens of one image per unit."),
         click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+        click.option("--device", type=DEVICE, default="auto", show_default=True,
                      help="Where forwards and clustering run."),
     )):
         command = option(command)
