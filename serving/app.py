@@ -32,6 +32,7 @@ from serving.drain import BackgroundDrain
 from serving.errors import BadRequest, NotFound, ServingError, UnsupportedMediaType
 from serving.explain import describe_images
 from serving.images import ImageDecoder
+from serving.json_process import JsonSplitter
 from serving.kserve import (HEADER_LENGTH, InferRequest, decode_content, encode_infer_response, parse_infer_request,
                             parse_steer)
 from serving.middleware import BearerAuth, BodyLimit, InFlightLimit, RequestMetrics
@@ -64,6 +65,7 @@ class AppState:
     monitor: FeatureMonitor
     stats: ModelStats
     decoder: ImageDecoder
+    json_splitter: JsonSplitter  # the numbers of big JSON bodies are parsed in a helper process
     # one thread for JSON parsing/encoding: CPU-bound work holding the GIL, so more threads only
     # add contenders that the event loop must wait behind (health latency), never throughput
     json_thread: ThreadPoolExecutor = dataclasses.field(
@@ -113,7 +115,7 @@ class AppState:
 
 def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> AppState:
     runtime = runtime or ModelRuntime(config.model_path, config.provider, config.threads, name=config.model_name,
-                                      nice=config.inference_nice)
+                                      nice=config.inference_nice, instances=config.instances)
     registry = CollectorRegistry()
     metrics = ServingMetrics(registry)
     contract = runtime.contract
@@ -131,14 +133,15 @@ def build_state(config: ServeConfig, runtime: ModelRuntime | None = None) -> App
         if not steering.active:  # steered traffic is an experiment, not the production distribution
             drain.offer({name: outputs[name] for name in taps})
 
-    batcher = MicroBatcher(runtime.run, config.max_batch, config.batch_timeout_ms / 1000.0, config.queue_size,
+    batcher = MicroBatcher(runtime.runners(), config.max_batch, config.batch_timeout_ms / 1000.0, config.queue_size,
                            observers=[record], run_nice=runtime.nice)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     metrics.dropped.set_function(lambda: drain.dropped)
     decoder = ImageDecoder(contract.input, config.max_image_pixels, config.max_request_pixels, config.decode_slots)
     if config.state_file:
         restore_state(config.state_file, monitor)
-    return AppState(config, runtime, batcher, drain, registry, metrics, monitor, stats, decoder)
+    return AppState(config, runtime, batcher, drain, registry, metrics, monitor, stats, decoder,
+                    JsonSplitter(config.json_workers))
 
 
 def create_app(config: ServeConfig, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -166,6 +169,7 @@ def create_app(config: ServeConfig, runtime: ModelRuntime | None = None) -> Fast
             await state.batcher.stop()
             state.drain.stop()
             state.json_thread.shutdown(wait=False, cancel_futures=True)
+            await asyncio.to_thread(state.json_splitter.close)
             if saver is not None:
                 await saver.stop()  # after the drain: the last observed batches are saved too
 
@@ -265,7 +269,8 @@ def _add_protocol_routes(app: FastAPI, state: AppState) -> None:
 
             def decode_and_parse() -> InferRequest:
                 body = decode_content(raw, encoding, state.config.max_body_bytes)
-                return parse_infer_request(body, header_length, runtime, state.max_request_images)
+                return parse_infer_request(body, header_length, runtime, state.max_request_images,
+                                           state.json_splitter.split)
 
             big = len(raw) > OFFLOAD_BYTES or encoding is not None  # big JSON must not stall the loop
             return await state.off_loop(decode_and_parse) if big else decode_and_parse()

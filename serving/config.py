@@ -29,11 +29,17 @@ class ServeConfig:
     host: str = _opt("127.0.0.1", "Interface to bind; 0.0.0.0 exposes the server to the network.", "HOST")
     port: int = _opt(8000, "TCP port.", "PORT")
     provider: str = _opt("auto", "onnxruntime provider: auto (CUDA when present), cpu or cuda.", "PROVIDER")
-    threads: int = _opt(0, "onnxruntime intra-op threads (0: onnxruntime's default).", "THREADS")
+    instances: int = _opt(0, "Model instances running batches at once, each its own onnxruntime session "
+                          "(Triton's instance_group count; 0: 2 on a CPU with 2+ cores, 1 on CUDA).", "INSTANCES")
+    threads: int = _opt(0, "onnxruntime intra-op threads per instance (0: the usable cores split among the "
+                        "instances; onnxruntime's default for one instance).", "THREADS")
     inference_nice: int = _opt(0, "How much lower than the HTTP event loop onnxruntime's threads run (Linux "
                                "nice increment, 0..19; 0: same priority). 10 keeps health fast during runs on a "
                                "machine of its own; beside busy processes it starves inference.",
                                "INFERENCE_NICE")
+    json_workers: int = _opt(1, "1: a helper process parses the numbers of big JSON request bodies, so the event "
+                             "loop keeps the GIL (health stays fast under JSON load); 0: parse on a server thread.",
+                             "JSON_WORKERS")
     max_batch: int = _opt(8, "Most images per onnxruntime run (a larger single request runs alone).", "MAX_BATCH")
     batch_timeout_ms: float = _opt(2.0, "How long the first queued request waits for others to batch with.",
                                    "BATCH_TIMEOUT_MS")
@@ -85,8 +91,10 @@ class ServeConfig:
                 problems.append(f"{name} must be in 0..65535, got {getattr(self, name)}")
         if not 0 <= self.inference_nice <= 19:
             problems.append(f"inference_nice must be in 0..19, got {self.inference_nice}")
-        if self.threads < 0 or self.monitor_top_n < 0 or self.max_in_flight < 0:
-            problems.append("threads, monitor_top_n and max_in_flight must not be negative")
+        if min(self.instances, self.threads, self.monitor_top_n, self.max_in_flight) < 0:
+            problems.append("instances, threads, monitor_top_n and max_in_flight must not be negative")
+        if self.json_workers not in (0, 1):  # one JSON thread feeds the helper: a second would idle
+            problems.append(f"json_workers must be 0 or 1, got {self.json_workers}")
         for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "shutdown_timeout_s", "state_interval_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")

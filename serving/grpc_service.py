@@ -17,7 +17,6 @@ from typing import Any, Awaitable, Callable
 import grpc
 import numpy as np
 
-from elude_export import __version__
 from serving.errors import BadRequest, ServingError, Unauthorized
 from serving.grpc_proto import grpc_predict_v2_pb2 as pb
 from serving.kserve import InferRequest, check_inputs, parse_steer

@@ -22,6 +22,7 @@ from serving import jsoncodec
 DATA_KEY = b'"data"'
 COLON_BRACKET = re.compile(rb"\s*:\s*\[")
 PLACEHOLDER = "\x00elude-data:"
+Split = tuple[bytes, list[np.ndarray]] | None  # what split_data_arrays returns
 PIECE_BYTES = 256 * 1024
 PIECE_VALUES = 32 * 1024  # about 300 KB of JSON text per encoded piece
 NUMBER_CHARS = b"0123456789+-.eE,"
@@ -76,7 +77,7 @@ def parse_numbers(text: bytes) -> np.ndarray | None:
     return np.concatenate(values) if values else np.empty(0)
 
 
-def split_data_arrays(body: bytes) -> tuple[bytes, list[np.ndarray]] | None:
+def split_data_arrays(body: bytes) -> Split:
     """(JSON body with placeholders, the arrays) or None when the fast path does not apply."""
     pieces, arrays, position = [], [], 0
     for start, end in _data_arrays(body):

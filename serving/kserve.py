@@ -12,17 +12,18 @@ from __future__ import annotations
 import zlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from elude_export.export.contract import INPUT_NAME
 from serving import jsoncodec
 from serving.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from serving.json_tensors import dumps_with_arrays, placeholder, restore_arrays, split_data_arrays
+from serving.json_tensors import Split, dumps_with_arrays, placeholder, restore_arrays, split_data_arrays
 from serving.runtime import V2_DTYPES, ModelRuntime, v2_datatype
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+SplitFn = Callable[[bytes], Split]
 FAST_PATH_BYTES = 64 * 1024  # smaller JSON parses in well under a millisecond: no need to split it
 
 
@@ -60,9 +61,9 @@ def load_json(text: bytes, what: str = "request") -> Any:
         raise BadRequest(f"malformed JSON in the {what}: {exc}{hint}", cause="malformed_json") from exc
 
 
-def _load_request(text: bytes) -> Any:
-    """The request header; big numeric `data` arrays are parsed in pieces (see `serving.json_tensors`)."""
-    split = split_data_arrays(text) if len(text) > FAST_PATH_BYTES else None
+def _load_request(text: bytes, split_arrays: SplitFn) -> Any:
+    """The request header; big numeric `data` arrays are parsed apart (see `serving.json_tensors`)."""
+    split = split_arrays(text) if len(text) > FAST_PATH_BYTES else None
     if split is None:
         return load_json(text)
     skeleton, arrays = split
@@ -74,16 +75,16 @@ def _load_request(text: bytes) -> Any:
     return request
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def _split(body: bytes, header_length: str | None, split_arrays: SplitFn) -> tuple[Any, bytes]:
     if header_length is None:
-        return _load_request(body), b""
+        return _load_request(body, split_arrays), b""
     try:
         size = int(header_length)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
     if not 0 <= size <= len(body):
         raise BadRequest(f"{HEADER_LENGTH}={size} does not fit a body of {len(body)} bytes")
-    return _load_request(body[:size]), body[size:]
+    return _load_request(body[:size], split_arrays), body[size:]
 
 
 def _object(value: Any, what: str) -> dict:
@@ -153,9 +154,13 @@ def _tensor(entry: Any, index: int, binary: memoryview, offset: int, max_element
 
 
 def parse_infer_request(body: bytes, header_length: str | None, runtime: ModelRuntime,
-                        max_images: int) -> InferRequest:
-    """Validate a v2 inference request against the served model."""
-    request, binary = _split(body, header_length)
+                        max_images: int, split_arrays: SplitFn = split_data_arrays) -> InferRequest:
+    """Validate a v2 inference request against the served model.
+
+    `split_arrays` parses the big `data` arrays (`serving.json_process.JsonSplitter.split` runs it
+    in a helper process).
+    """
+    request, binary = _split(body, header_length, split_arrays)
     request = _object(request, "the inference request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:

@@ -7,19 +7,21 @@ against the metadata, so a wrong or foreign file fails at start-up, not on the f
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from elude_export.errors import ModelLoadError
 from elude_export.export.contract import INPUT_NAME, OnnxContract
-from elude_export.export.ort_session import open_session
+from elude_export.export.ort_session import CPU, choose_providers, open_session
 from serving.errors import BadRequest, NonFiniteOutput
+from serving.instances import plan_instances
 from serving.priority import call_lowered
 from serving.steering import InvalidSteering, UnknownSubunit, steer_vectors
 
@@ -93,19 +95,24 @@ def _spec(node) -> TensorSpec:
 
 
 class ModelRuntime:
-    """One inference session; `run` is thread-safe (onnxruntime sessions are)."""
+    """The sessions of one model (one per instance); `run` is thread-safe (onnxruntime sessions are)."""
 
     def __init__(self, model_path: str | Path, provider: str = "auto", threads: int = 0,
-                 allow_spinning: bool = False, name: str | None = None, nice: int = 0):
+                 allow_spinning: bool = False, name: str | None = None, nice: int = 0, instances: int = 1):
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"ONNX model not found: {path}")
         # the session validate measured (CUDA without TF32); one inter-op thread and, by default,
         # no spinning: idle intra-op threads would burn the cores the HTTP event loop needs; its
-        # pool threads are created `nice` below this thread (`run` should be called at it too)
+        # pool threads are created `nice` below this thread (`run` should be called at it too).
+        # One session per instance (serving.instances), so concurrent runs never share a pool.
         self.nice = nice
-        self.session = call_lowered(lambda: open_session(path, provider, ModelLoadError, threads=threads,
-                                                         inter_op_threads=1, allow_spinning=allow_spinning), nice)
+        on_cuda = choose_providers(provider, ModelLoadError)[0] != CPU
+        self.plan = plan_instances(instances, threads, on_cuda)
+        self.sessions = [call_lowered(lambda: open_session(path, provider, ModelLoadError, threads=self.plan.threads,
+                                                           inter_op_threads=1, allow_spinning=allow_spinning), nice)
+                         for _ in range(self.plan.instances)]
+        self.session = self.sessions[0]
         try:
             self.contract = OnnxContract.from_metadata_props(dict(self.session.get_modelmeta().custom_metadata_map))
         except ValueError as exc:
@@ -126,8 +133,8 @@ class ModelRuntime:
                              if info.steer_input and info.steer_input in self.inputs}
         self._steer_cache: OrderedDict[tuple, Steering] = OrderedDict()
         self._unique = itertools.count()
-        log.info("loaded %s (%s) on %s: %d layer(s), %d sub-units", path, self.name, self.provider,
-                 len(self.contract.layers), len(self.subunits))
+        log.info("loaded %s (%s) on %s, %s: %d layer(s), %d sub-units", path, self.name, self.provider,
+                 self.plan.describe(), len(self.contract.layers), len(self.subunits))
 
     def _check_graph(self) -> None:
         if INPUT_NAME not in self.inputs:
@@ -215,11 +222,15 @@ class ModelRuntime:
         rank = len(self.inputs[self.steer_inputs[layer]].shape)
         return vector.reshape(1, -1) if rank == 2 else vector
 
-    def run(self, images: np.ndarray, steering: Steering = NO_STEERING) -> dict[str, np.ndarray]:
-        """All graph outputs for a batch; without steering the steer inputs keep their ones."""
+    def run(self, images: np.ndarray, steering: Steering = NO_STEERING, instance: int = 0) -> dict[str, np.ndarray]:
+        """All graph outputs for a batch on one instance; without steering the steer inputs keep their ones."""
         feeds = {INPUT_NAME: images, **steering.feeds}
-        values = self.session.run(None, feeds)
+        values = self.sessions[instance].run(None, feeds)
         return dict(zip(self.outputs, values))
+
+    def runners(self) -> list[Callable[[np.ndarray, Steering], dict[str, np.ndarray]]]:
+        """One run function per instance, for `serving.batching.MicroBatcher`."""
+        return [functools.partial(self.run, instance=k) for k in range(len(self.sessions))]
 
     def describe(self) -> dict:
         """The `elude` block of the model metadata: what a client needs to read taps and steer."""
@@ -231,6 +242,8 @@ class ModelRuntime:
             "router": contract.router,
             "provider": self.provider,
             "providers": self.providers,
+            "instances": self.plan.instances,
+            "threads_per_instance": self.plan.threads,
             "preprocessing": contract.input,
             "original_outputs": contract.outputs,
             "taps": [vars(tap) for tap in contract.taps],

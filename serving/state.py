@@ -17,7 +17,7 @@ import numpy as np
 
 from elude_export.artifacts import write_file_atomic
 from elude_export.errors import EludeError
-from serving.monitoring import FeatureMonitor, LayerWindow, _Block
+from serving.monitoring import FeatureMonitor, _Block
 
 log = logging.getLogger("elude.serving")
 FORMAT = "elude-serve-state/1"
@@ -82,8 +82,8 @@ def restore_state(path: str | Path, monitor: FeatureMonitor) -> bool:
         for layer, saved in header["layers"].items():
             window = monitor.layers[layer].window
             stacked = {name: arrays[f"{saved['index']}.{name}"] for name in FIELDS}
-            _refill(window, [_Block(n, *(stacked[name][i].copy() for name in FIELDS))
-                             for i, n in enumerate(saved["block_n"])])
+            window.restore([_Block.from_bins(n, *(stacked[name][i].copy() for name in FIELDS))
+                            for i, n in enumerate(saved["block_n"])])
     monitor.images.inc(header["images_total"])
     for layer, saved in header["layers"].items():
         monitor.fires.labels(layer=layer).inc(saved["fires_total"])
@@ -105,26 +105,6 @@ def _mismatch(header: dict, monitor: FeatureMonitor) -> str | None:
         if (saved["n_subunits"], saved["n_bins"]) != (window.n_subunits, window.n_bins):
             return f"layer {layer} has another shape"
     return None
-
-
-def _refill(window: LayerWindow, blocks: list[_Block]) -> None:
-    """Put saved blocks (oldest first, the open one last) back, trimmed to this window's size."""
-    *closed, current = blocks
-    window.blocks.clear()
-    window.total = window._empty()
-    for block in closed:
-        window.blocks.append(block)
-        _add_to(window.total, block)
-    window.current = current
-    _add_to(window.total, current)
-    while window.blocks and window.total.n - window.blocks[0].n >= window.window:
-        window._subtract(window.blocks.popleft())
-
-
-def _add_to(total: _Block, block: _Block) -> None:
-    total.n += block.n
-    for name in FIELDS:
-        setattr(total, name, getattr(total, name) + getattr(block, name))
 
 
 class StateSaver:

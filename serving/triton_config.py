@@ -31,7 +31,7 @@ def model_config(runtime: ModelRuntime, config: ServeConfig) -> dict:
         "input": [_tensor(spec, format="FORMAT_NONE", optional=spec.name in steer)
                   for spec in runtime.inputs.values()],
         "output": [_tensor(spec) for spec in runtime.outputs.values()],
-        "instance_group": [{"name": runtime.name, "kind": kind, "count": 1}],
+        "instance_group": [{"name": runtime.name, "kind": kind, "count": runtime.plan.instances}],
         "dynamic_batching": {"preferred_batch_size": [config.max_batch],
                              "max_queue_delay_microseconds": int(config.batch_timeout_ms * 1000)},
         "default_model_filename": runtime.path.name,

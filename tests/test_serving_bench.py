@@ -31,3 +31,17 @@ def test_steady_growth_is_not_flat(bench):
     assert not verdict["flat"]
     assert verdict["slope_mb_per_min"] == pytest.approx(3.0)
     assert verdict["growth"] > 5
+
+
+def test_direct_baseline_from_several_threads_counts_every_run(bench, tmp_path):
+    from serving_fixtures import build_fixture_model, sample_inputs
+    import numpy as np
+
+    path = build_fixture_model(tmp_path / "fixture.onnx").path
+    x = sample_inputs(8, np.random.default_rng(0))
+    one = bench.bench_direct(path, x, 0.3, spinning=False, threads=1)
+    two = bench.bench_direct(path, x, 0.3, spinning=False, threads=1, callers=2)
+    for result in (one, two):
+        assert result["images"] == 8 * len(result["latencies"]) > 0 and result["errors"] == 0
+    assert 0.3 <= two["elapsed"] < 5  # wall time of the two threads together, not the sum of their runs
+    assert {"images", "elapsed", "latencies", "errors", "cpu"} <= set(two) and two["cpu"] > 0

@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from elude_export.export.contract import read_contract
-from serving.monitoring import FeatureMonitor, LayerWindow, bins_of, psi
+from serving.monitoring import (FeatureMonitor, LayerWindow, _Block, at_least_from_bins, bins_from_at_least,
+                                counts_at_least, psi)
 from serving_fixtures import build_fixture_model, running_server, sample_inputs
 
 SHIFT = 0.5  # red-channel colour cast (in normalised units)
@@ -53,24 +54,33 @@ def flagged(report: dict) -> set[str]:
     return {item["name"] for item in report["top"] if item["drifting"]}
 
 
-def test_bins_match_searchsorted_right():
+def test_bins_match_a_histogram_of_searchsorted_right():
     rng = np.random.default_rng(0)
     quantiles = np.sort(rng.normal(size=(5, 9)), axis=1).astype(np.float32)
     quantiles[0, :4] = 0.0  # ties, as point masses at zero produce
     values = np.concatenate([rng.normal(size=(50, 5)), np.zeros((5, 5)), quantiles[:, :5].T]).astype(np.float32)
-    expected = np.stack([np.searchsorted(quantiles[s], values[:, s], side="right") for s in range(5)], axis=1)
-    np.testing.assert_array_equal(bins_of(values, quantiles), expected)
+    index = np.stack([np.searchsorted(quantiles[s], values[:, s], side="right") for s in range(5)], axis=1)
+    expected = np.stack([np.bincount(index[:, s], minlength=10) for s in range(5)])
+    at_least = counts_at_least(values, np.ascontiguousarray(quantiles.T))
+    bins = bins_from_at_least(len(values), at_least)
+    np.testing.assert_array_equal(bins, expected)
+    assert bins[0, 0] < len(values) and bins.sum() == 5 * len(values)
+    np.testing.assert_array_equal(at_least_from_bins(bins), at_least)  # how a saved window is restored
 
 
 def test_window_slides_and_counts_exactly():
     window = LayerWindow(n_subunits=3, n_bins=2, window=64)
-    fires = np.ones((300, 3), bool)
-    bins = np.zeros((300, 3), np.int16)
-    window.add(fires[:250], bins[:250], np.ones((250, 3), np.float32))
-    window.add(fires[250:], bins[250:], np.ones((50, 3), np.float32))
+
+    def summarise(rows: np.ndarray) -> _Block:  # every image fires and lies below the one cut point
+        return _Block(len(rows), np.full(3, len(rows), np.int64), np.zeros((1, 3), np.int64),
+                      rows.sum(0, dtype=np.float64))
+
+    assert window.add(np.ones((250, 3), np.float32), summarise) == 750
+    window.add(np.ones((50, 3), np.float32), summarise)
     total = window.total
     assert 64 <= total.n < 64 + window.block_size
     assert np.all(total.fires == total.n) and np.all(total.bins[:, 0] == total.n)
+    assert np.all(total.act_sum == total.n)
     assert total.n == sum(block.n for block in window.blocks) + window.current.n
 
 

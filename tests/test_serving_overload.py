@@ -20,9 +20,9 @@ class SlowRuntime(ModelRuntime):
 
     delay_s = 0.3
 
-    def run(self, images, steering=NO_STEERING):
+    def run(self, images, steering=NO_STEERING, instance=0):
         time.sleep(self.delay_s)
-        return super().run(images, steering)
+        return super().run(images, steering, instance)
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def test_the_batcher_runs_inference_on_a_lowered_thread():
         return {"y": images}
 
     async def main() -> None:
-        batcher = MicroBatcher(run, max_batch=2, timeout_s=0.0, run_nice=5)
+        batcher = MicroBatcher([run], max_batch=2, timeout_s=0.0, run_nice=5)
         await batcher.start()
         try:
             await batcher.submit(np.zeros((1, 2), np.float32), NO_STEERING, 5.0)
