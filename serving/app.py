@@ -33,8 +33,8 @@ from serving.errors import BadRequest, NotFound, ServingError, UnsupportedMediaT
 from serving.explain import describe_images
 from serving.images import ImageDecoder
 from serving.json_process import JsonSplitter
-from serving.kserve import (HEADER_LENGTH, InferRequest, decode_content, encode_infer_response, parse_infer_request,
-                            parse_steer)
+from serving.kserve import (HEADER_LENGTH, InferRequest, decode_content, encode_infer_response, json_header_size,
+                            parse_infer_request, parse_steer)
 from serving.middleware import BearerAuth, BodyLimit, InFlightLimit, RequestMetrics
 from serving.monitoring import FeatureMonitor, ServingMetrics
 from serving.openapi import ERROR_RESPONSES, IMAGE_REQUEST, infer_paths
@@ -272,7 +272,8 @@ def _add_protocol_routes(app: FastAPI, state: AppState) -> None:
                 return parse_infer_request(body, header_length, runtime, state.max_request_images,
                                            state.json_splitter.split)
 
-            big = len(raw) > OFFLOAD_BYTES or encoding is not None  # big JSON must not stall the loop
+            # big JSON must not stall the loop; binary tensors after a small JSON header are cheap here
+            big = encoding is not None or json_header_size(len(raw), header_length) > OFFLOAD_BYTES
             return await state.off_loop(decode_and_parse) if big else decode_and_parse()
 
         async def encode(parsed: InferRequest, outputs: dict) -> Response:

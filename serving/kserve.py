@@ -75,15 +75,29 @@ def _load_request(text: bytes, split_arrays: SplitFn) -> Any:
     return request
 
 
-def _split(body: bytes, header_length: str | None, split_arrays: SplitFn) -> tuple[Any, bytes]:
+def header_size(body_size: int, header_length: str | None) -> int:
+    """Bytes of the JSON header in a body: all of it, or what `Inference-Header-Content-Length` says."""
     if header_length is None:
-        return _load_request(body, split_arrays), b""
+        return body_size
     try:
         size = int(header_length)
     except ValueError:
         raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
-    if not 0 <= size <= len(body):
-        raise BadRequest(f"{HEADER_LENGTH}={size} does not fit a body of {len(body)} bytes")
+    if not 0 <= size <= body_size:
+        raise BadRequest(f"{HEADER_LENGTH}={size} does not fit a body of {body_size} bytes")
+    return size
+
+
+def json_header_size(body_size: int, header_length: str | None) -> int:
+    """`header_size`, or the whole body when the header length is bad (parsing then says why)."""
+    try:
+        return header_size(body_size, header_length)
+    except BadRequest:
+        return body_size
+
+
+def _split(body: bytes, header_length: str | None, split_arrays: SplitFn) -> tuple[Any, bytes]:
+    size = header_size(len(body), header_length)
     return _load_request(body[:size], split_arrays), body[size:]
 
 

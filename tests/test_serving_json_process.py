@@ -132,3 +132,30 @@ def test_server_answers_big_json_through_the_helper_like_binary(tmp_path):
     np.testing.assert_allclose(logits, fixture.forward(x)["logits"], rtol=1e-5, atol=1e-5)
     assert np.abs(logits).max() > 0.01
     assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+
+
+def test_only_big_json_leaves_the_event_loop(tmp_path):
+    """A binary request's tensors follow a tiny JSON header: parsed on the loop, no thread hop."""
+    fixture = build_fixture_model(tmp_path / "fixture.onnx")
+    x, json_body = big_body(np.random.default_rng(5))
+    raw = x.astype(np.float32).tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    assert len(raw) > 64 * 1024 > len(header)
+    with running_server(fixture.path) as (url, app):
+        state, offloaded = app.state.elude, []
+        original = state.off_loop
+
+        async def counting_off_loop(fn):
+            offloaded.append(fn)
+            return await original(fn)
+
+        state.off_loop = counting_off_loop
+        with httpx.Client(base_url=url, timeout=30) as http:
+            binary = http.post("/v2/models/fixture/infer", content=header + raw,
+                               headers={"Inference-Header-Content-Length": str(len(header))})
+            assert binary.status_code == 200 and not offloaded
+            assert http.post("/v2/models/fixture/infer", content=json_body,
+                             headers={"Content-Type": "application/json"}).status_code == 200
+            assert offloaded  # the big JSON body was parsed off the loop
