@@ -74,7 +74,7 @@ def counts_at_least(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
 
     cuts (L, S) are sorted down each column; contiguous rows make the (N, 1, S) >= (L, S)
     comparison broadcast cheaply. Bins are the differences of these counts (`bins_from_at_least`):
-    5x cheaper per batch than a bin index per value and a histogram of the indices.
+    2.5-4.5x cheaper (batch 8-64) than a bin index per value and a histogram of the indices.
     """
     return (values[:, None, :] >= cuts).sum(0, dtype=np.int32)
 

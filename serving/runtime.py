@@ -95,7 +95,11 @@ def _spec(node) -> TensorSpec:
 
 
 class ModelRuntime:
-    """The sessions of one model (one per instance); `run` is thread-safe (onnxruntime sessions are)."""
+    """The sessions of one model (one per instance); `run` is thread-safe (onnxruntime sessions are).
+
+    `instances` 1 opens one session (library use, tests); 0 lets `serving.instances` decide, as
+    `elude serve` does by default. `threads` is per instance.
+    """
 
     def __init__(self, model_path: str | Path, provider: str = "auto", threads: int = 0,
                  allow_spinning: bool = False, name: str | None = None, nice: int = 0, instances: int = 1):
