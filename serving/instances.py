@@ -11,18 +11,49 @@ On CUDA runs are serialised on the device anyway: one instance.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 CPU_INSTANCES = 2
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which container runtimes set)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota.
+
+    A Kubernetes CPU limit is a CFS quota, not an affinity: a pod limited to 2 CPUs on a
+    64-core node still sees 64 cores in its affinity, and 2 instances x 32 threads would
+    time-slice on 2 CPUs' worth of quota.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def cpu_quota(cgroup_root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of CFS quota of this container (cgroup v2 `cpu.max`, v1 `cfs_quota_us`); None: no limit."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup_root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 @dataclass(frozen=True)

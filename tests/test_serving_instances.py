@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from serving.batching import MicroBatcher
 from serving.config import ServeConfig
 from serving.errors import Overloaded
-from serving.instances import InstancePlan, plan_instances
+from serving.instances import InstancePlan, cpu_quota, plan_instances, usable_cores
 from serving.runtime import NO_STEERING, ModelRuntime
 from serving_fixtures import build_fixture_model, running_server, sample_inputs
 
@@ -36,6 +37,27 @@ def model_path(tmp_path_factory):
 ])
 def test_automatic_instances_and_threads(instances, threads, on_cuda, cores, expected):
     assert plan_instances(instances, threads, on_cuda, cores) == expected
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "200000 100000\n"}, 2.0),                     # cgroup v2, a 2-CPU limit
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),                       # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),    # v1, no limit
+    ({}, None),                                                 # no cgroup files (macOS, bare metal)
+])
+def test_container_cpu_quota_is_read(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+def test_a_cpu_limit_caps_the_cores_instances_split(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 cores' worth of threads at most
+    assert usable_cores(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    assert usable_cores(tmp_path / "missing") == len(os.sched_getaffinity(0))
 
 
 def test_negative_instances_are_refused():
