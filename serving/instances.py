@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CPU_INSTANCES = 2
-
-
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

@@ -116,7 +116,10 @@ class JsonSplitter:
     def _helper(self) -> subprocess.Popen | None:
         if not self.workers or self._closed or self._failed_starts >= MAX_FAILED_STARTS:
             return None
-        if self._process is None or self._process.poll() is not None:
+        if self._process is not None and self._process.poll() is not None:
+            _end(self._process)  # it died while idle: close its pipes before starting the next one
+            self._process = None
+        if self._process is None:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
             self._process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         return self._process

@@ -91,7 +91,7 @@ def bins_from_at_least(n: int, at_least: np.ndarray) -> np.ndarray:
 
 def at_least_from_bins(bins: np.ndarray) -> np.ndarray:
     """The inverse of `bins_from_at_least`: (S, L+1) bin counts -> (L, S) counts at or above each cut."""
-    return np.ascontiguousarray(np.cumsum(bins[:, :0:-1], axis=1)[:, ::-1].T).astype(np.int64)
+    return np.ascontiguousarray(np.cumsum(bins[:, :0:-1], axis=1)[:, ::-1].T, dtype=np.int64)
 
 
 @dataclass

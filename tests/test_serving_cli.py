@@ -69,6 +69,10 @@ def test_bad_settings_from_flags_and_environment(model_path):
     assert result.exit_code == 2 and "queue_size must be at least 1" in result.output
     result = CliRunner().invoke(main, ["serve", str(model_path), "--provider", "tpu"])
     assert result.exit_code == 2 and "tpu" in result.output
+    result = CliRunner().invoke(main, ["serve", str(model_path), "--instances", "-1"])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "instances" in result.output
+    result = CliRunner().invoke(main, ["serve", str(model_path)], env={"ELUDE_SERVE_JSON_WORKERS": "2"})
+    assert result.exit_code == 2 and "json_workers must be 0 or 1, got 2" in result.output
 
 
 def test_config_reads_environment():

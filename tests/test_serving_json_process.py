@@ -62,6 +62,7 @@ def test_the_helper_process_parses_exactly_what_the_server_thread_would(splitter
 def test_a_killed_helper_costs_no_request_and_is_replaced(splitter):
     _, body = big_body(np.random.default_rng(1))
     first = splitter.helper_pid()
+    dead_process = splitter._process  # to check its pipes are closed once it is replaced
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while not dead(first) and time.monotonic() < deadline:
@@ -69,6 +70,7 @@ def test_a_killed_helper_costs_no_request_and_is_replaced(splitter):
     assert_same_split(splitter.split(body), split_data_arrays(body))  # parsed here meanwhile
     second = splitter.helper_pid()
     assert second is not None and second != first
+    assert dead_process.stdin.closed and dead_process.stdout.closed  # no pipes left open behind it
     assert_same_split(splitter.split(body), split_data_arrays(body))
 
 
